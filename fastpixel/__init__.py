@@ -1,0 +1,9 @@
+"""fastpixel: PixelCNN++ with fast, exact sampling."""
+from . import mixture
+from .checkpoint import load, save
+from .config import ModelConfig
+from .model import PixelCNNpp
+from .sampling import bits_per_dim, sample
+
+__all__ = ["ModelConfig", "PixelCNNpp", "mixture", "sample", "bits_per_dim", "save", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""The model's configuration: a validated dataclass that round-trips through JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+NONLINEARITIES = ("concat_elu", "elu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that decides a PixelCNN++'s architecture (and nothing about training).
+
+    `image_size` is an int for square images or (height, width); both must be divisible
+    by 4 because the network works at full, half and quarter resolution.
+    """
+
+    image_size: int | tuple[int, int] = 32
+    channels: int = 3
+    nr_resnet: int = 5
+    nr_filters: int = 160
+    nr_logistic_mix: int = 10
+    num_classes: int | None = None
+    dropout: float = 0.5
+    resnet_nonlinearity: str = "concat_elu"
+    coordconv: bool = False
+    nonlocal_block: bool = False
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, (list, tuple)):
+            size = tuple(size)
+        if not (_is_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(_is_int, size)))):
+            raise ValueError(f"image_size must be an int or (height, width), got {self.image_size!r}")
+        self.image_size = size
+        if any(s <= 0 or s % 4 for s in self.shape):
+            raise ValueError(f"image_size must be positive and divisible by 4 in both dimensions, got {self.image_size!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        for name in ("nr_resnet", "nr_filters", "nr_logistic_mix"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
+            raise ValueError(f"num_classes must be None or an int >= 2, got {self.num_classes!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if self.resnet_nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"resnet_nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {self.resnet_nonlinearity!r}")
+        for name in ("coordconv", "nonlocal_block"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else size
+
+    @property
+    def num_params_out(self) -> int:
+        """Output channels: per mixture component a logit, C means, C log-scales, and for RGB 3 coupling coefficients."""
+        from .mixture import num_params
+        return num_params(self.channels, self.nr_logistic_mix)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"ModelConfig JSON is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError("ModelConfig JSON must be an object")
+        return cls.from_dict(data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,134 @@
+"""Drawing images from a model, and scoring them: the naive sampler (one full forward pass
+per pixel, the reference the cached sampler must reproduce) and bits per dimension.
+
+The noise contract: image i's uniforms are drawn up front from its own CPU generator
+seeded from (seed, i), so image i is the same whatever n, the batch size, or the sampler.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import mixture
+from .model import PixelCNNpp, check_labels
+
+
+def image_noise(config, seed: int, index: int) -> torch.Tensor:
+    """The uniforms (K + C, H, W), float64 on the CPU, that image `index` of a draw with `seed` consumes."""
+    # SeedSequence mixes (seed, index) into an independent stream; seed*n + index would collide.
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    shape = (config.nr_logistic_mix + config.channels, *config.shape)
+    return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = None,
+           labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
+           batch_size: int | None = None) -> torch.Tensor:
+    """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype.
+
+    fast=True uses the incremental activation cache; with the same seed it returns the
+    same images as the naive sampler. Class-conditional models take one label per image
+    (default: cycle through the classes). seed=None draws a fresh seed.
+    """
+    if not isinstance(model, PixelCNNpp):
+        raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
+    config = model.config
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if batch_size is None:
+        batch_size = max(n, 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    labels = _labels_for(config, n, labels)
+    if fast:
+        raise NotImplementedError("fast=True (the cached sampler) is not built yet; use fast=False")
+
+    param = next(model.parameters())
+    images = torch.empty((n, config.channels, *config.shape), dtype=torch.uint8)
+    height = config.shape[0]
+    with _eval_mode(model), torch.no_grad(), tqdm(total=-(-n // batch_size) * height, unit="row",
+                                                   disable=not progress, desc="sampling") as bar:
+        for start in range(0, n, batch_size):
+            index = range(start, min(start + batch_size, n))
+            noise = torch.stack([image_noise(config, seed, i) for i in index]).to(param.device)
+            batch_labels = None if labels is None else labels[start:index.stop].to(param.device)
+            x = torch.zeros((len(index), config.channels, *config.shape), dtype=param.dtype, device=param.device)
+            for _ in _naive_rows(model, x, noise, batch_labels):
+                bar.update(1)
+            images[start:index.stop] = to_uint8(x).cpu()
+    return images
+
+
+def _naive_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
+    """Fill x in place, pixel by pixel, each from a full forward pass; yield after each row."""
+    height, width = x.shape[2:]
+    for r in range(height):
+        for c in range(width):
+            params = model(x, labels)[:, :, r:r + 1, c:c + 1]
+            x[:, :, r:r + 1, c:c + 1] = mixture.sample(params, noise=noise[:, :, r:r + 1, c:c + 1], channels=x.shape[1])
+        yield r
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Grid values in [-1, 1] back to 0..255."""
+    return torch.round((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images to the model's [-1, 1] grid."""
+    return images.to(dtype) / 127.5 - 1
+
+
+def _labels_for(config, n: int, labels) -> torch.Tensor | None:
+    if labels is None:
+        return None if config.num_classes is None else torch.arange(n) % config.num_classes
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 0:
+        labels = labels.expand(n)
+    check_labels(config, labels, n)
+    return labels.long()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def bits_per_dim(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=None,
+                 batch_size: int = 256, progress: bool = False) -> float:
+    """Average negative log2-likelihood per sub-pixel of uint8 images (N, C, H, W), in eval mode."""
+    images = torch.as_tensor(images_uint8)
+    config = model.config
+    expected = (config.channels, *config.shape)
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"images must be uint8 of shape (N, {', '.join(map(str, expected))}), "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("bits_per_dim needs at least one image")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+    check_labels(config, labels, len(images))
+    param = next(model.parameters())
+    total = 0.0
+    with _eval_mode(model):
+        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="bits/dim", unit="batch"):
+            x = to_model_input(images[start:start + batch_size].to(param.device), param.dtype)
+            y = None if labels is None else labels[start:start + batch_size].to(param.device)
+            total += float(mixture.nll(model(x, y), x).double().sum())
+    return total / (images.numel() * math.log(2.0))

@@ -1,0 +1,7 @@
+"""Triton kernels, installed as `fastpixel.kernels`.
+
+One file per kernel family, each holding, in this order: the plain-PyTorch reference, the
+`@triton.jit` kernel, its launcher, the autograd Function when training needs one, and the
+function callers use. No model knowledge lives here. Kernels are tested on the CPU under
+TRITON_INTERPRET=1 and on a GPU when one is present. (None exist yet.)
+"""

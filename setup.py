@@ -1,0 +1,26 @@
+"""Installs fastpixel. Imports nothing heavy: an isolated build must not pull in torch.
+
+The C++ extension in csrc/ is compiled with ninja on first use (torch.utils.cpp_extension),
+not here; the Triton kernels in kernels/ install as the subpackage fastpixel.kernels.
+"""
+from setuptools import setup
+
+setup(
+    name="fastpixel",
+    version="0.1.0",
+    description="PixelCNN++ in PyTorch with fast, exact cached sampling",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastpixel", "fastpixel.kernels"],
+    package_dir={"fastpixel": "fastpixel", "fastpixel.kernels": "kernels"},
+    install_requires=[
+        "torch",  # never pinned: GPU machines bring their own build
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+)
