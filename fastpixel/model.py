@@ -117,7 +117,9 @@ class PixelCNNpp(nn.Module):
         expected = f"(batch, {cfg.channels}, {cfg.shape[0]}, {cfg.shape[1]})"
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor of shape {expected} in [-1, 1]")
-        if x.dim() != 4 or x.shape[1] != cfg.channels:
+        if x.dim() != 4:
+            raise ValueError(f"x must have shape {expected}, got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.channels:
             raise ValueError(f"x must have shape {expected}: this model takes {cfg.channels} channel(s), got shape {tuple(x.shape)}")
         if tuple(x.shape[2:]) != cfg.shape:
             raise ValueError(f"x must have shape {expected}: this model takes {cfg.shape[0]}x{cfg.shape[1]} images, got {x.shape[2]}x{x.shape[3]}")
