@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+import fastpixel
+from fastpixel import mixture
+from fastpixel.sampling import image_noise, to_model_input
+from tests.conftest import random_images, tiny_model
+
+
+@pytest.mark.parametrize("channels, num_classes", [(1, None), (3, 4)])
+def test_naive_sample_consumes_the_contract_noise(channels, num_classes):
+    """One full forward pass on the finished images gives, by the causal invariant, the
+    parameters used at every step; with image i's noise they must reproduce the images."""
+    model = tiny_model(channels=channels, num_classes=num_classes, nonlocal_block=True, coordconv=True)
+    labels = None if num_classes is None else torch.tensor([3, 1, 0])
+    images = fastpixel.sample(model, 3, seed=7, labels=labels)
+    assert images.dtype == torch.uint8 and images.shape == (3, channels, 8, 12)
+    x = to_model_input(images, torch.float64)
+    noise = torch.stack([image_noise(model.config, 7, i) for i in range(3)])
+    with torch.no_grad():
+        again = mixture.sample(model(x, labels), noise=noise, channels=channels)
+    assert torch.equal(again, x)
+
+
+def test_image_i_does_not_depend_on_n_or_batch_size():
+    model = tiny_model(dtype=torch.float32)
+    full = fastpixel.sample(model, 5, seed=3, batch_size=2)
+    assert torch.equal(fastpixel.sample(model, 3, seed=3), full[:3])
+    assert not torch.equal(fastpixel.sample(model, 3, seed=4), full[:3])
+
+
+def test_conditional_sampling_cycles_classes_by_default():
+    model = tiny_model(num_classes=3)
+    assert torch.equal(fastpixel.sample(model, 4, seed=1), fastpixel.sample(model, 4, seed=1, labels=[0, 1, 2, 0]))
+    assert torch.equal(fastpixel.sample(model, 2, seed=1, labels=2), fastpixel.sample(model, 2, seed=1, labels=[2, 2]))
+
+
+def test_sampling_restores_training_mode_and_samples_in_eval_mode():
+    model = tiny_model(dropout=0.5)
+    reference = fastpixel.sample(model, 2, seed=0)
+    model.train()
+    assert torch.equal(fastpixel.sample(model, 2, seed=0), reference)
+    assert model.training
+
+
+def test_sample_rejects_bad_arguments():
+    model = tiny_model(dtype=torch.float32)
+    cond = tiny_model(dtype=torch.float32, num_classes=3)
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        fastpixel.sample(model, -1)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        fastpixel.sample(model, 2, labels=[0, 1])
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        fastpixel.sample(cond, 2, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"in 0\.\.2"):
+        fastpixel.sample(cond, 2, labels=[0, 3])
+    with pytest.raises(ValueError, match="seed"):
+        fastpixel.sample(model, 2, seed=-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        fastpixel.sample(model, 2, batch_size=0)
+    assert fastpixel.sample(model, 0).shape == (0, 1, 8, 12)
+
+
+def test_bits_per_dim_is_mean_nll_in_bits():
+    model = tiny_model(channels=3)
+    images = random_images(model, 5)
+    x = to_model_input(images, torch.float64)
+    with torch.no_grad():
+        expected = float(mixture.nll(model(x), x).sum()) / (images.numel() * math.log(2))
+    assert fastpixel.bits_per_dim(model, images, batch_size=2) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        fastpixel.bits_per_dim(model, images.float())
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        fastpixel.bits_per_dim(model, images[:, :1])
