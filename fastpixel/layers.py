@@ -155,7 +155,7 @@ class GatedResnet(nn.Module):
     def __init__(self, channels: int, kernel_size: tuple[int, int], shift: str, nonlinearity: str,
                  dropout: float, skip_channels: int = 0, num_classes: int | None = None):
         super().__init__()
-        factor = CHANNEL_FACTOR[nonlinearity]
+        factor = self.channel_factor = CHANNEL_FACTOR[nonlinearity]
         self.nonlinearity = NONLINEARITY[nonlinearity]
         self.conv_in = ShiftedConv2d(factor * channels, channels, kernel_size, shift)
         self.skip = Nin(factor * skip_channels, channels) if skip_channels else None

@@ -59,9 +59,12 @@ class PixelCNNpp(nn.Module):
 
         self.nonlocal_block = CausalNonLocal(nf) if config.nonlocal_block else None
 
-        down_counts = [nr] + [nr + 1] * (LEVELS - 1)
+        # Indexed by resolution like the up pass (0 = full); the down pass starts at the
+        # coarsest level, whose first block input is the last up-pass activation.
+        down_counts = [nr + 1] * (LEVELS - 1) + [nr]
         self.down_u = nn.ModuleList(nn.ModuleList(u_block(nf) for _ in range(n)) for n in down_counts)
         self.down_ul = nn.ModuleList(nn.ModuleList(ul_block(2 * nf) for _ in range(n)) for n in down_counts)
+        # upsample_*[level] doubles the resolution from level + 1 to level.
         self.upsample_u = nn.ModuleList(ShiftedConvTranspose2d(nf, nf, (2, 3), "down") for _ in range(LEVELS - 1))
         self.upsample_ul = nn.ModuleList(ShiftedConvTranspose2d(nf, nf, (2, 2), "down_right") for _ in range(LEVELS - 1))
 
@@ -90,13 +93,13 @@ class PixelCNNpp(nn.Module):
         u, ul = us.pop(), uls.pop()
         if self.nonlocal_block is not None:
             ul = self.nonlocal_block(ul)
-        for level in range(LEVELS):
+        for level in reversed(range(LEVELS)):
             for u_block, ul_block in zip(self.down_u[level], self.down_ul[level]):
                 u = u_block(u, us.pop(), labels)
                 ul = ul_block(ul, torch.cat([u, uls.pop()], dim=1), labels)
-            if level < LEVELS - 1:
-                u = self.upsample_u[level](u)
-                ul = self.upsample_ul[level](ul)
+            if level > 0:
+                u = self.upsample_u[level - 1](u)
+                ul = self.upsample_ul[level - 1](ul)
         return self.out(F.elu(ul))
 
     def input_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,305 @@
+"""The incremental activation cache: exact sampling at about the cost of one forward pass.
+
+Naive sampling runs the whole network once per pixel. Here every activation is computed
+once, at the first step where everything it depends on is known:
+
+- The `u` stream (rows above only) is computed a whole row at a time, at the start of each
+  image row: its row r depends on image rows < r alone. Half- and quarter-resolution rows
+  are due at every 2nd and 4th image row, and their transposed convolutions write the two
+  finer rows they produce into a small buffer that the finer rows read later.
+- The `ul` stream (rows above and pixels to the left) is computed one pixel at a time.
+  Half- and quarter-resolution positions are due when both the row and the column are
+  multiples of 2 or 4; their transposed convolutions write 2x2 blocks into row buffers.
+- Each shifted convolution keeps only the rows of its input its filter still needs
+  (`_ConvCache`: kernel-height rows of the padded input width), so memory grows with the
+  image width, not its area. The non-local block keeps a key/value cache like a
+  transformer's (one entry per quarter-resolution position).
+- Everything that depends only on `u` (the `ul` blocks' skip inputs from `u`, class biases)
+  is folded into per-row terms, so the per-pixel work is just the `ul` stream's own.
+
+The network is walked in exactly the order of `PixelCNNpp.forward`, level by level; the
+parameters at each step equal a full forward pass on the partial image (to rounding), and
+the same noise is consumed, so the images equal the naive sampler's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import mixture
+from .layers import GatedResnet, Nin, ShiftedConv2d
+from .model import LEVELS, PixelCNNpp
+
+
+class _ConvCache:
+    """The last kernel-height rows of one shifted convolution's input, zero-padded as the
+    layer pads it, so the convolution can be evaluated for a whole row or at one column.
+
+    Per row of the input: `new_row()` (the oldest row leaves), then `write` values into the
+    newest row (all at once or column by column), then `conv` where outputs are due.
+    """
+
+    def __init__(self, layer: ShiftedConv2d, batch: int, width: int, bias: torch.Tensor | None = None):
+        self.weight = layer.weight().detach()
+        self.weight_t = self.weight.flatten(1).t().contiguous()  # (Cin * kh * kw, Cout)
+        self.bias = (layer.b.detach() if bias is None else bias).expand(batch, -1).contiguous()  # (B, Cout)
+        kh, self.kw = layer.kernel_size
+        left, right = layer.padding[:2]
+        self.rows = self.weight.new_zeros(batch, self.weight.shape[1], kh, left + width + right)
+        self.left, self.width, self.stride = left, width, layer.stride
+
+    def new_row(self) -> None:
+        if self.rows.shape[2] > 1:  # kernels are at most 2 rows high
+            self.rows[:, :, 0].copy_(self.rows[:, :, 1])
+        self.rows[:, :, -1].zero_()
+
+    def write(self, values: torch.Tensor, col: int | None = None) -> None:
+        """values (B, Cin, width) for the whole row, or (B, Cin) at column `col`."""
+        if col is None:
+            self.rows[:, :, -1, self.left:self.left + self.width] = values
+        else:
+            self.rows[:, :, -1, self.left + col] = values
+
+    def conv(self, col: int | None = None) -> torch.Tensor:
+        """The output row (B, Cout, width / stride), or the output at column `col` (B, Cout)."""
+        if col is None:
+            return F.conv2d(self.rows, self.weight, stride=self.stride)[:, :, 0] + self.bias[:, :, None]
+        start = self.stride * col
+        window = self.rows[:, :, :, start:start + self.kw].reshape(self.rows.shape[0], -1)
+        return torch.addmm(self.bias, window, self.weight_t)
+
+
+class _Pointwise:
+    """A 1x1 layer on (B, Cin) or (B, Cin, W), optionally restricted to some input channels."""
+
+    def __init__(self, layer: Nin, in_channels: list[int] | None = None, with_bias: bool = True):
+        weight = layer.weight().detach()[:, :, 0, 0]
+        if in_channels is not None:
+            weight = weight[:, in_channels]
+        self.weight = weight.contiguous()
+        self.weight_t = weight.t().contiguous()
+        self.bias = layer.b.detach() if with_bias else torch.zeros_like(layer.b.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return torch.addmm(self.bias, x, self.weight_t)
+        return torch.matmul(self.weight, x) + self.bias[:, None]
+
+
+class _Block:
+    """One gated residual block, evaluated on a whole row or at one column. The skip input
+    arrives already through its 1x1 layer (`skip_term`), since callers fold what they can."""
+
+    def __init__(self, block: GatedResnet, batch: int, width: int, labels: torch.Tensor | None):
+        self.nonlinearity = block.nonlinearity
+        class_bias = None
+        if block.class_bias is not None:
+            class_bias = block.conv_out.b.detach() + block.class_bias(labels)
+        self.conv_in = _ConvCache(block.conv_in, batch, width)
+        self.conv_out = _ConvCache(block.conv_out, batch, width, bias=class_bias)
+        self.caches = [self.conv_in, self.conv_out]
+
+    def __call__(self, x: torch.Tensor, skip_term: torch.Tensor | None = None, col: int | None = None) -> torch.Tensor:
+        self.conv_in.write(self.nonlinearity(x), col)
+        c = self.conv_in.conv(col)
+        if skip_term is not None:
+            c = c + skip_term
+        self.conv_out.write(self.nonlinearity(c), col)
+        a, b = self.conv_out.conv(col).chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+
+def _skip_halves(block: GatedResnet, channels: int) -> tuple[_Pointwise, _Pointwise]:
+    """Split the skip layer of a down-pass `ul` block, nin(nl(cat(u, ul))), into a part
+    that reads nl(u) (with the bias) and a part that reads nl(ul); their sum is the layer."""
+    factor = block.channel_factor
+    # nl(cat(u, ul)) holds, for each copy f, the u channels then the ul channels.
+    u_part = [f * 2 * channels + i for f in range(factor) for i in range(channels)]
+    ul_part = [f * 2 * channels + channels + i for f in range(factor) for i in range(channels)]
+    return _Pointwise(block.skip, u_part), _Pointwise(block.skip, ul_part, with_bias=False)
+
+
+class _CachedNonLocal:
+    """The causal non-local block one position at a time, with a key/value cache."""
+
+    def __init__(self, block, batch: int, positions: int, like: torch.Tensor):
+        self.query, self.key, self.value, self.out = (_Pointwise(m) for m in (block.query, block.key, block.value, block.out))
+        inner = self.query.weight.shape[0]
+        self.keys = like.new_zeros(batch, inner, positions)
+        self.values = like.new_zeros(batch, inner, positions)
+        self.scale = 1 / math.sqrt(inner)
+
+    def __call__(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        self.keys[:, :, position] = self.key(x)
+        self.values[:, :, position] = self.value(x)
+        seen = slice(0, position + 1)
+        scores = torch.einsum("bd,bdn->bn", self.query(x), self.keys[:, :, seen]) * self.scale
+        y = torch.einsum("bn,bdn->bd", scores.softmax(dim=-1), self.values[:, :, seen])
+        return x + self.out(y)
+
+
+class CachedNetwork:
+    """A PixelCNN++ unrolled for generation: `start_row(r)` once image rows < r are final,
+    then `step(r, c)` gives the mixture parameters (B, P) at (r, c), and `commit(r, c, x)`
+    hands back the sampled pixel (B, C) in [-1, 1]."""
+
+    def __init__(self, model: PixelCNNpp, batch: int, labels: torch.Tensor | None):
+        cfg = model.config
+        self.channels, (self.height, self.width) = cfg.channels, cfg.shape
+        nf = cfg.nr_filters
+        widths = [self.width >> level for level in range(LEVELS)]
+        self.nonlinearity = model.up_u[0][0].nonlinearity
+
+        # Input layers. Their outputs are shifted one row down (u, ul "above") or one column
+        # right (ul "left"), so each reads the image row / pixel before the one it serves.
+        self.u_init = _ConvCache(model.u_init, batch, self.width)
+        self.ul_init_above = _ConvCache(model.ul_init_above, batch, self.width)
+        self.ul_init_left = _ConvCache(model.ul_init_left, batch, self.width)
+        param = next(model.parameters())
+        constant = model.input_features(param.new_zeros(1, cfg.channels, *cfg.shape))[0, cfg.channels:]
+        self.constant_features = constant  # (ones [, row, col], H, W)
+
+        def blocks(stream, level):
+            return [_Block(b, batch, widths[level], labels) for b in stream[level]]
+
+        self.up_u = [blocks(model.up_u, level) for level in range(LEVELS)]
+        self.up_ul = [blocks(model.up_ul, level) for level in range(LEVELS)]
+        self.down_u = [blocks(model.down_u, level) for level in range(LEVELS)]
+        self.down_ul = [blocks(model.down_ul, level) for level in range(LEVELS)]
+        self.up_ul_skip = [[_Pointwise(b.skip) for b in model.up_ul[level]] for level in range(LEVELS)]
+        self.down_u_skip = [[_Pointwise(b.skip) for b in model.down_u[level]] for level in range(LEVELS)]
+        self.down_ul_skip = [[_skip_halves(b, nf) for b in model.down_ul[level]] for level in range(LEVELS)]
+        # The stride-2 convolutions read level L and are due at level L + 1's positions.
+        self.downsample_u = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_u)]
+        self.downsample_ul = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_ul)]
+        self.upsample_u = [(m, m.weight().detach(), m.b.detach()) for m in model.upsample_u]
+        self.upsample_ul = [(m.weight().detach().flatten(1), m.b.detach()) for m in model.upsample_ul]
+        # Transposed convolutions from level L + 1 write the two level-L rows they produce here.
+        self.u_from_below = [param.new_zeros(batch, nf, 2, widths[level]) for level in range(LEVELS - 1)]
+        self.ul_from_below = [param.new_zeros(batch, nf, 2, widths[level]) for level in range(LEVELS - 1)]
+        self.nonlocal_block = None
+        if model.nonlocal_block is not None:
+            positions = (self.height >> (LEVELS - 1)) * widths[-1]
+            self.nonlocal_block = _CachedNonLocal(model.nonlocal_block, batch, positions, param)
+        self.out = _Pointwise(model.out)
+
+        # Which caches roll over when a row of level L starts.
+        self.caches_of_level = [[] for _ in range(LEVELS)]
+        self.caches_of_level[0] += [self.ul_init_left]
+        for level in range(LEVELS):
+            for block in self.up_u[level] + self.up_ul[level] + self.down_u[level] + self.down_ul[level]:
+                self.caches_of_level[level] += block.caches
+            if level < LEVELS - 1:
+                self.caches_of_level[level] += [self.downsample_u[level], self.downsample_ul[level]]
+
+        # Per-row terms, refreshed by start_row.
+        self.ul_above = None
+        self.up_ul_terms = [None] * LEVELS
+        self.down_ul_terms = [None] * LEVELS
+
+    # ------------------------------------------------------------------ the u stream, per row
+    def start_row(self, r: int) -> None:
+        """Compute the u stream of row r (and the coarser rows due with it) and every
+        per-row term the ul stream will read along row r."""
+        levels = [level for level in range(LEVELS) if r % (1 << level) == 0]
+        for level in levels:
+            for cache in self.caches_of_level[level]:
+                cache.new_row()
+
+        # Row r - 1 of the image is final: the input layers read it (down_shift: row 0 sees zeros).
+        if r == 0:
+            u = self.ul_above = self.u_init.bias.new_zeros(*self.u_init.bias.shape, self.width)
+        else:
+            u = self.u_init.conv()
+            self.ul_above = self.ul_init_above.conv()
+        for cache in (self.u_init, self.ul_init_above):
+            cache.new_row()
+
+        up = {}
+        for level in levels:
+            if level > 0:
+                u = self.downsample_u[level - 1].conv()
+            up[level] = [u]
+            for block in self.up_u[level]:
+                u = block(u)
+                up[level].append(u)
+            if level < LEVELS - 1:
+                self.downsample_u[level].write(u)
+            self.up_ul_terms[level] = [skip(self.nonlinearity(x)) for skip, x in zip(self.up_ul_skip[level], up[level][1:])]
+
+        for level in reversed(levels):
+            i = r >> level
+            u = up[level].pop() if level == LEVELS - 1 else self.u_from_below[level][:, :, i % 2]
+            terms = []
+            for block, skip, (u_half, _), x in zip(self.down_u[level], self.down_u_skip[level],
+                                                    self.down_ul_skip[level], reversed(up[level])):
+                u = block(u, skip(self.nonlinearity(x)))
+                terms.append(u_half(self.nonlinearity(u)))
+            self.down_ul_terms[level] = terms
+            if level > 0:
+                layer, weight, bias = self.upsample_u[level - 1]
+                self.u_from_below[level - 1].copy_(layer._linear_part(u[:, :, None], weight) + bias[:, None, None])
+
+    # ------------------------------------------------------------------ the ul stream, per pixel
+    def step(self, r: int, c: int) -> torch.Tensor:
+        """Mixture parameters (B, P) at (r, c); start_row(r) and every earlier commit done."""
+        ul = self.ul_above[:, :, c]
+        if c > 0:  # right_shift: column 0 sees zeros
+            ul = ul + self.ul_init_left.conv(c - 1)
+        levels = [level for level in range(LEVELS) if r % (1 << level) == 0 and c % (1 << level) == 0]
+
+        up = {}
+        for level in levels:
+            col = c >> level
+            if level > 0:
+                ul = self.downsample_ul[level - 1].conv(col)
+            up[level] = [ul]
+            for block, term in zip(self.up_ul[level], self.up_ul_terms[level]):
+                ul = block(ul, term[:, :, col], col)
+                up[level].append(ul)
+            if level < LEVELS - 1:
+                self.downsample_ul[level].write(ul, col)
+
+        for level in reversed(levels):
+            i, col = r >> level, c >> level
+            if level == LEVELS - 1:
+                ul = up[level].pop()
+                if self.nonlocal_block is not None:
+                    ul = self.nonlocal_block(ul, i * (self.width >> level) + col)
+            else:
+                ul = self.ul_from_below[level][:, :, i % 2, col]
+            for block, (_, ul_half), term, x in zip(self.down_ul[level], self.down_ul_skip[level],
+                                                    self.down_ul_terms[level], reversed(up[level])):
+                ul = block(ul, term[:, :, col] + ul_half(self.nonlinearity(x)), col)
+            if level > 0:
+                weight, bias = self.upsample_ul[level - 1]
+                block = torch.mm(ul, weight).view(ul.shape[0], -1, 2, 2) + bias[:, None, None]
+                self.ul_from_below[level - 1][:, :, :, 2 * col:2 * col + 2] = block
+        return self.out(F.elu(ul))
+
+    def commit(self, r: int, c: int, pixel: torch.Tensor) -> None:
+        """Hand the sampled pixel (B, C) to the input layers."""
+        features = torch.cat([pixel, self.constant_features[:, r, c].expand(pixel.shape[0], -1)], dim=1)
+        for cache in (self.u_init, self.ul_init_above, self.ul_init_left):
+            cache.write(features, c)
+
+
+def sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
+                on_params: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
+    """Fill x (B, C, H, W) in place, pixel by pixel, through the cache; yield after each row.
+    Same noise, same order, same mixture sampler as the naive sampler."""
+    net = CachedNetwork(model, x.shape[0], labels)
+    channels, height, width = x.shape[1:]
+    for r in range(height):
+        net.start_row(r)
+        for c in range(width):
+            params = net.step(r, c)
+            if on_params is not None:
+                on_params(r, c, params)
+            pixel = mixture.sample(params[:, :, None, None], noise=noise[:, :, r:r + 1, c:c + 1], channels=channels)
+            x[:, :, r, c] = pixel[:, :, 0, 0]
+            net.commit(r, c, pixel[:, :, 0, 0])
+        yield r
