@@ -200,6 +200,14 @@ class CachedNetwork:
         self.up_ul_terms = [None] * LEVELS
         self.down_ul_terms = [None] * LEVELS
 
+    def state_tensors(self, include_nonlocal: bool = True) -> list[torch.Tensor]:
+        """Every tensor the cache keeps between steps (what its memory is made of)."""
+        tensors = [self.u_init.rows, self.ul_init_above.rows] + [c.rows for caches in self.caches_of_level for c in caches]
+        tensors += self.u_from_below + self.ul_from_below
+        if include_nonlocal and self.nonlocal_block is not None:
+            tensors += [self.nonlocal_block.keys, self.nonlocal_block.values]
+        return tensors
+
     # ------------------------------------------------------------------ the u stream, per row
     def start_row(self, r: int) -> None:
         """Compute the u stream of row r (and the coarser rows due with it) and every
