@@ -1,0 +1,72 @@
+"""`python -m fastpixel.sample`, run as a user runs it."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastpixel
+from tests.conftest import tiny_model
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fastpixel.sample", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    fastpixel.save(tiny_model(dtype=torch.float32, num_classes=3), path)
+    return path
+
+
+def test_fast_sampling_writes_grid_and_array_equal_to_naive(checkpoint, tmp_path):
+    fast = run_cli("--fast", "--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", cwd=tmp_path)
+    assert fast.returncode == 0, fast.stderr
+    assert "wrote samples.png: 5 images in" in fast.stdout and "images/s" in fast.stdout
+    assert "row" in fast.stderr  # the progress bar
+    naive = run_cli("--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--out", "naive.png", "--npy", "naive.npy",
+                    "--batch-size", 2, cwd=tmp_path)
+    assert naive.returncode == 0, naive.stderr
+    images = np.load(tmp_path / "fast.npy")
+    assert images.shape == (5, 1, 8, 12) and images.dtype == np.uint8
+    assert np.array_equal(images, np.load(tmp_path / "naive.npy"))
+    library = fastpixel.sample(fastpixel.load(checkpoint), 5, seed=3)
+    assert np.array_equal(images, library.numpy())
+    assert Image.open(tmp_path / "samples.png").size == (3 * 14 + 2, 2 * 10 + 2)
+
+
+def test_label_draws_that_class(checkpoint, tmp_path):
+    out = run_cli("--fast", "--checkpoint", checkpoint, "-n", 2, "--label", 2, "--npy", "a.npy", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    expected = fastpixel.sample(fastpixel.load(checkpoint), 2, seed=0, labels=[2, 2])
+    assert np.array_equal(np.load(tmp_path / "a.npy"), expected.numpy())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "missing.safetensors"], "no fastpixel model file at missing.safetensors"),
+    (["--checkpoint", "corrupt.safetensors"], "not a readable safetensors file"),
+    (["--checkpoint", "{ckpt}", "--label", "3"], "--label must lie in 0..2"),
+    (["--checkpoint", "{ckpt}", "-n", "0"], "must be positive"),
+    (["--checkpoint", "{ckpt}", "--out", "no/such/dir/x.png"], "does not exist"),
+    (["--checkpoint", "{ckpt}", "--npy", "no/such/dir/x.npy"], "does not exist"),
+    (["--checkpoint", "{ckpt}", "--out", "."], "is a directory"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, args, message):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 50)
+    before = set(tmp_path.iterdir())
+    out = run_cli(*[a.format(ckpt=checkpoint) for a in args], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_importing_the_cli_module_keeps_fastpixel_sample_callable():
+    import fastpixel.sample  # noqa: F401  (binds the name fastpixel.sample to the module)
+
+    images = fastpixel.sample(tiny_model(dtype=torch.float32), 1, seed=0)
+    assert images.shape == (1, 1, 8, 12)
