@@ -14,8 +14,12 @@ once, at the first step where everything it depends on is known:
   (`_ConvCache`: kernel-height rows of the padded input width), so memory grows with the
   image width, not its area. The non-local block keeps a key/value cache like a
   transformer's (one entry per quarter-resolution position).
-- Everything that depends only on `u` (the `ul` blocks' skip inputs from `u`, class biases)
-  is folded into per-row terms, so the per-pixel work is just the `ul` stream's own.
+- Everything a `ul` convolution can know at the start of a row (its bias and class bias,
+  the rows above's share of its filter, and its skip input from `u`) is folded into one
+  per-row term, so the per-pixel work is the current row's share alone: one small matrix
+  product per convolution, on a window that is a view of the cache (no copies).
+- Activations are kept channels-last, (batch, [width,] channels), so that a pixel's
+  channels are contiguous and a 1x1 layer is a plain `F.linear`.
 
 The network is walked in exactly the order of `PixelCNNpp.forward`, level by level; the
 parameters at each step equal a full forward pass on the partial image (to rounding), and
@@ -36,65 +40,85 @@ from .model import LEVELS, PixelCNNpp
 
 class _ConvCache:
     """The last kernel-height rows of one shifted convolution's input, zero-padded as the
-    layer pads it, so the convolution can be evaluated for a whole row or at one column.
+    layer pads it, channels last: (B, kh, padded width, Cin).
 
     Per row of the input: `new_row()` (the oldest row leaves), then `write` values into the
-    newest row (all at once or column by column), then `conv` where outputs are due.
+    newest row (all at once or column by column). A whole output row comes from
+    `conv()`; single outputs from `conv(col)`, after `start_pixels()` has folded the bias
+    and the older rows' share of the filter into a per-column term.
     """
 
     def __init__(self, layer: ShiftedConv2d, batch: int, width: int, bias: torch.Tensor | None = None):
-        self.weight = layer.weight().detach()
-        self.weight_t = self.weight.flatten(1).t().contiguous()  # (Cin * kh * kw, Cout)
-        self.bias = (layer.b.detach() if bias is None else bias).expand(batch, -1).contiguous()  # (B, Cout)
-        kh, self.kw = layer.kernel_size
+        self.weight = layer.weight().detach()  # (Cout, Cin, kh, kw)
+        out_channels, in_channels, kh, self.kw = self.weight.shape
         left, right = layer.padding[:2]
-        self.rows = self.weight.new_zeros(batch, self.weight.shape[1], kh, left + width + right)
+        self.bias = (layer.b.detach() if bias is None else bias).expand(batch, out_channels)
+        self.rows = self.weight.new_zeros(batch, kh, left + width + right, in_channels)
         self.left, self.width, self.stride = left, width, layer.stride
+        # The newest row's share of the filter, ordered like a flattened window (kw, Cin).
+        self.newest_weight = self.weight[:, :, -1].permute(2, 1, 0).reshape(self.kw * in_channels, out_channels)
+        self.from_older = None  # (B, Wout, Cout), set by start_pixels
 
     def new_row(self) -> None:
-        if self.rows.shape[2] > 1:  # kernels are at most 2 rows high
-            self.rows[:, :, 0].copy_(self.rows[:, :, 1])
-        self.rows[:, :, -1].zero_()
+        if self.rows.shape[1] > 1:  # kernels are at most 2 rows high
+            self.rows[:, 0].copy_(self.rows[:, 1])
+        self.rows[:, -1].zero_()
 
     def write(self, values: torch.Tensor, col: int | None = None) -> None:
-        """values (B, Cin, width) for the whole row, or (B, Cin) at column `col`."""
+        """values (B, width, Cin) for the whole row, or (B, Cin) at column `col`."""
         if col is None:
-            self.rows[:, :, -1, self.left:self.left + self.width] = values
+            self.rows[:, -1, self.left:self.left + self.width] = values
         else:
-            self.rows[:, :, -1, self.left + col] = values
+            self.rows[:, -1, self.left + col] = values
+
+    def _conv_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(rows.permute(0, 3, 1, 2), weight, stride=self.stride)[:, :, 0].transpose(1, 2)
+
+    def start_pixels(self, extra: torch.Tensor | None = None) -> None:
+        """Before an output row is computed pixel by pixel: bias + the older rows' share
+        (+ `extra`, a per-row term (B, Wout, Cout) the caller wants added)."""
+        term = self.bias[:, None]
+        if self.rows.shape[1] > 1:
+            term = term + self._conv_rows(self.rows[:, :-1], self.weight[:, :, :-1])
+        if extra is not None:
+            term = term + extra
+        out_width = (self.rows.shape[2] - self.kw) // self.stride + 1
+        self.from_older = term.expand(-1, out_width, -1).contiguous()
 
     def conv(self, col: int | None = None) -> torch.Tensor:
-        """The output row (B, Cout, width / stride), or the output at column `col` (B, Cout)."""
+        """The output row (B, Wout, Cout), or the output at column `col` (B, Cout)."""
         if col is None:
-            return F.conv2d(self.rows, self.weight, stride=self.stride)[:, :, 0] + self.bias[:, :, None]
+            return self._conv_rows(self.rows, self.weight) + self.bias[:, None]
         start = self.stride * col
-        window = self.rows[:, :, :, start:start + self.kw].reshape(self.rows.shape[0], -1)
-        return torch.addmm(self.bias, window, self.weight_t)
+        window = self.rows[:, -1, start:start + self.kw].flatten(1)  # a view: (B, kw * Cin)
+        return torch.addmm(self.from_older[:, col], window, self.newest_weight)
 
 
 class _Pointwise:
-    """A 1x1 layer on (B, Cin) or (B, Cin, W), optionally restricted to some input channels."""
+    """A 1x1 layer on (..., Cin), optionally reading only some of its input channels."""
 
     def __init__(self, layer: Nin, in_channels: list[int] | None = None, with_bias: bool = True):
         weight = layer.weight().detach()[:, :, 0, 0]
-        if in_channels is not None:
-            weight = weight[:, in_channels]
-        self.weight = weight.contiguous()
-        self.weight_t = weight.t().contiguous()
-        self.bias = layer.b.detach() if with_bias else torch.zeros_like(layer.b.detach())
+        self.weight = (weight if in_channels is None else weight[:, in_channels]).contiguous()
+        self.bias = layer.b.detach() if with_bias else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return torch.addmm(self.bias, x, self.weight_t)
-        return torch.matmul(self.weight, x) + self.bias[:, None]
+        return F.linear(x, self.weight, self.bias)
+
+
+def _nonlinearity(block: GatedResnet) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block's nonlinearity on channels-last activations."""
+    if block.channel_factor == 2:  # concat_elu
+        return lambda x: F.elu(torch.cat([x, -x], dim=-1))
+    return block.nonlinearity
 
 
 class _Block:
-    """One gated residual block, evaluated on a whole row or at one column. The skip input
-    arrives already through its 1x1 layer (`skip_term`), since callers fold what they can."""
+    """One gated residual block on a whole row or at one column. Its skip input arrives
+    already through the skip layer (`skip_term`), or folded into `start_pixels`."""
 
     def __init__(self, block: GatedResnet, batch: int, width: int, labels: torch.Tensor | None):
-        self.nonlinearity = block.nonlinearity
+        self.nonlinearity = _nonlinearity(block)
         class_bias = None
         if block.class_bias is not None:
             class_bias = block.conv_out.b.detach() + block.class_bias(labels)
@@ -102,23 +126,27 @@ class _Block:
         self.conv_out = _ConvCache(block.conv_out, batch, width, bias=class_bias)
         self.caches = [self.conv_in, self.conv_out]
 
+    def start_pixels(self, skip_term: torch.Tensor | None = None) -> None:
+        self.conv_in.start_pixels(skip_term)
+        self.conv_out.start_pixels()
+
     def __call__(self, x: torch.Tensor, skip_term: torch.Tensor | None = None, col: int | None = None) -> torch.Tensor:
         self.conv_in.write(self.nonlinearity(x), col)
         c = self.conv_in.conv(col)
         if skip_term is not None:
             c = c + skip_term
         self.conv_out.write(self.nonlinearity(c), col)
-        a, b = self.conv_out.conv(col).chunk(2, dim=1)
+        a, b = self.conv_out.conv(col).chunk(2, dim=-1)
         return x + a * torch.sigmoid(b)
 
 
 def _skip_halves(block: GatedResnet, channels: int) -> tuple[_Pointwise, _Pointwise]:
     """Split the skip layer of a down-pass `ul` block, nin(nl(cat(u, ul))), into a part
     that reads nl(u) (with the bias) and a part that reads nl(ul); their sum is the layer."""
-    factor = block.channel_factor
-    # nl(cat(u, ul)) holds, for each copy f, the u channels then the ul channels.
-    u_part = [f * 2 * channels + i for f in range(factor) for i in range(channels)]
-    ul_part = [f * 2 * channels + channels + i for f in range(factor) for i in range(channels)]
+    # nl(cat(u, ul)) holds, for each copy f (x and -x for concat_elu), the u channels then the ul channels.
+    copies = range(block.channel_factor)
+    u_part = [f * 2 * channels + i for f in copies for i in range(channels)]
+    ul_part = [f * 2 * channels + channels + i for f in copies for i in range(channels)]
     return _Pointwise(block.skip, u_part), _Pointwise(block.skip, ul_part, with_bias=False)
 
 
@@ -128,16 +156,16 @@ class _CachedNonLocal:
     def __init__(self, block, batch: int, positions: int, like: torch.Tensor):
         self.query, self.key, self.value, self.out = (_Pointwise(m) for m in (block.query, block.key, block.value, block.out))
         inner = self.query.weight.shape[0]
-        self.keys = like.new_zeros(batch, inner, positions)
-        self.values = like.new_zeros(batch, inner, positions)
+        self.keys = like.new_zeros(batch, positions, inner)
+        self.values = like.new_zeros(batch, positions, inner)
         self.scale = 1 / math.sqrt(inner)
 
     def __call__(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        self.keys[:, :, position] = self.key(x)
-        self.values[:, :, position] = self.value(x)
+        self.keys[:, position] = self.key(x)
+        self.values[:, position] = self.value(x)
         seen = slice(0, position + 1)
-        scores = torch.einsum("bd,bdn->bn", self.query(x), self.keys[:, :, seen]) * self.scale
-        y = torch.einsum("bn,bdn->bd", scores.softmax(dim=-1), self.values[:, :, seen])
+        scores = torch.bmm(self.keys[:, seen], self.query(x)[:, :, None])[:, :, 0] * self.scale
+        y = torch.bmm(scores.softmax(dim=-1)[:, None], self.values[:, seen])[:, 0]
         return x + self.out(y)
 
 
@@ -148,19 +176,20 @@ class CachedNetwork:
 
     def __init__(self, model: PixelCNNpp, batch: int, labels: torch.Tensor | None):
         cfg = model.config
-        self.channels, (self.height, self.width) = cfg.channels, cfg.shape
+        self.height, self.width = cfg.shape
         nf = cfg.nr_filters
         widths = [self.width >> level for level in range(LEVELS)]
-        self.nonlinearity = model.up_u[0][0].nonlinearity
+        self.nonlinearity = _nonlinearity(model.up_u[0][0])
+        param = next(model.parameters())
 
         # Input layers. Their outputs are shifted one row down (u, ul "above") or one column
         # right (ul "left"), so each reads the image row / pixel before the one it serves.
         self.u_init = _ConvCache(model.u_init, batch, self.width)
         self.ul_init_above = _ConvCache(model.ul_init_above, batch, self.width)
         self.ul_init_left = _ConvCache(model.ul_init_left, batch, self.width)
-        param = next(model.parameters())
-        constant = model.input_features(param.new_zeros(1, cfg.channels, *cfg.shape))[0, cfg.channels:]
-        self.constant_features = constant  # (ones [, row, col], H, W)
+        # The input's channels beyond the image (ones, CoordConv rows and columns), (H, W, n).
+        zeros = param.new_zeros(1, cfg.channels, *cfg.shape)
+        self.constant_features = model.input_features(zeros)[0, cfg.channels:].permute(1, 2, 0)
 
         def blocks(stream, level):
             return [_Block(b, batch, widths[level], labels) for b in stream[level]]
@@ -172,37 +201,34 @@ class CachedNetwork:
         self.up_ul_skip = [[_Pointwise(b.skip) for b in model.up_ul[level]] for level in range(LEVELS)]
         self.down_u_skip = [[_Pointwise(b.skip) for b in model.down_u[level]] for level in range(LEVELS)]
         self.down_ul_skip = [[_skip_halves(b, nf) for b in model.down_ul[level]] for level in range(LEVELS)]
-        # The stride-2 convolutions read level L and are due at level L + 1's positions.
+        # The stride-2 convolutions read level L; their outputs are level L + 1's positions.
         self.downsample_u = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_u)]
         self.downsample_ul = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_ul)]
+        # upsample_*[L] turns a level L + 1 position into a 2x2 block of level L, written
+        # into *_from_below[L], (B, 2 rows, width of L, C), which level L reads a row later.
         self.upsample_u = [(m, m.weight().detach(), m.b.detach()) for m in model.upsample_u]
-        self.upsample_ul = [(m.weight().detach().flatten(1), m.b.detach()) for m in model.upsample_ul]
-        # Transposed convolutions from level L + 1 write the two level-L rows they produce here.
-        self.u_from_below = [param.new_zeros(batch, nf, 2, widths[level]) for level in range(LEVELS - 1)]
-        self.ul_from_below = [param.new_zeros(batch, nf, 2, widths[level]) for level in range(LEVELS - 1)]
+        self.upsample_ul = [(m.weight().detach().permute(0, 2, 3, 1).flatten(1), m.b.detach()) for m in model.upsample_ul]
+        self.u_from_below = [param.new_zeros(batch, 2, widths[level], nf) for level in range(LEVELS - 1)]
+        self.ul_from_below = [param.new_zeros(batch, 2, widths[level], nf) for level in range(LEVELS - 1)]
         self.nonlocal_block = None
         if model.nonlocal_block is not None:
             positions = (self.height >> (LEVELS - 1)) * widths[-1]
             self.nonlocal_block = _CachedNonLocal(model.nonlocal_block, batch, positions, param)
         self.out = _Pointwise(model.out)
 
-        # Which caches roll over when a row of level L starts.
-        self.caches_of_level = [[] for _ in range(LEVELS)]
-        self.caches_of_level[0] += [self.ul_init_left]
+        # The caches whose input is at level L roll over when a row of level L starts.
+        self.caches_of_level = [[self.ul_init_left], [], []]
         for level in range(LEVELS):
             for block in self.up_u[level] + self.up_ul[level] + self.down_u[level] + self.down_ul[level]:
                 self.caches_of_level[level] += block.caches
             if level < LEVELS - 1:
                 self.caches_of_level[level] += [self.downsample_u[level], self.downsample_ul[level]]
-
-        # Per-row terms, refreshed by start_row.
-        self.ul_above = None
-        self.up_ul_terms = [None] * LEVELS
-        self.down_ul_terms = [None] * LEVELS
+        self.ul_above = None  # (B, W, nf): the ul stream's share from the row above, set by start_row
 
     def state_tensors(self, include_nonlocal: bool = True) -> list[torch.Tensor]:
         """Every tensor the cache keeps between steps (what its memory is made of)."""
         tensors = [self.u_init.rows, self.ul_init_above.rows] + [c.rows for caches in self.caches_of_level for c in caches]
+        tensors += [c.from_older for caches in self.caches_of_level for c in caches if c.from_older is not None]
         tensors += self.u_from_below + self.ul_from_below
         if include_nonlocal and self.nonlocal_block is not None:
             tensors += [self.nonlocal_block.keys, self.nonlocal_block.values]
@@ -210,51 +236,53 @@ class CachedNetwork:
 
     # ------------------------------------------------------------------ the u stream, per row
     def start_row(self, r: int) -> None:
-        """Compute the u stream of row r (and the coarser rows due with it) and every
+        """Compute the u stream of row r (and the coarser rows due with it), and fold every
         per-row term the ul stream will read along row r."""
         levels = [level for level in range(LEVELS) if r % (1 << level) == 0]
         for level in levels:
             for cache in self.caches_of_level[level]:
                 cache.new_row()
 
-        # Row r - 1 of the image is final: the input layers read it (down_shift: row 0 sees zeros).
+        # Image row r - 1 is final: the input layers read it (down_shift: row 0 sees zeros).
         if r == 0:
-            u = self.ul_above = self.u_init.bias.new_zeros(*self.u_init.bias.shape, self.width)
+            u = self.ul_above = self.u_init.bias.new_zeros(self.u_init.bias.shape[0], self.width, self.u_init.bias.shape[1])
         else:
             u = self.u_init.conv()
             self.ul_above = self.ul_init_above.conv()
         for cache in (self.u_init, self.ul_init_above):
             cache.new_row()
+        self.ul_init_left.start_pixels()
 
         up = {}
         for level in levels:
             if level > 0:
                 u = self.downsample_u[level - 1].conv()
+                self.downsample_ul[level - 1].start_pixels()
             up[level] = [u]
             for block in self.up_u[level]:
                 u = block(u)
                 up[level].append(u)
             if level < LEVELS - 1:
                 self.downsample_u[level].write(u)
-            self.up_ul_terms[level] = [skip(self.nonlinearity(x)) for skip, x in zip(self.up_ul_skip[level], up[level][1:])]
+            for block, skip, x in zip(self.up_ul[level], self.up_ul_skip[level], up[level][1:]):
+                block.start_pixels(skip(self.nonlinearity(x)))
 
         for level in reversed(levels):
             i = r >> level
-            u = up[level].pop() if level == LEVELS - 1 else self.u_from_below[level][:, :, i % 2]
-            terms = []
-            for block, skip, (u_half, _), x in zip(self.down_u[level], self.down_u_skip[level],
-                                                    self.down_ul_skip[level], reversed(up[level])):
+            u = up[level].pop() if level == LEVELS - 1 else self.u_from_below[level][:, i % 2]
+            for block, skip, ul_block, (u_half, _), x in zip(self.down_u[level], self.down_u_skip[level], self.down_ul[level],
+                                                              self.down_ul_skip[level], reversed(up[level])):
                 u = block(u, skip(self.nonlinearity(x)))
-                terms.append(u_half(self.nonlinearity(u)))
-            self.down_ul_terms[level] = terms
+                ul_block.start_pixels(u_half(self.nonlinearity(u)))
             if level > 0:
                 layer, weight, bias = self.upsample_u[level - 1]
-                self.u_from_below[level - 1].copy_(layer._linear_part(u[:, :, None], weight) + bias[:, None, None])
+                rows = layer._linear_part(u.transpose(1, 2)[:, :, None], weight) + bias[:, None, None]
+                self.u_from_below[level - 1].copy_(rows.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ the ul stream, per pixel
     def step(self, r: int, c: int) -> torch.Tensor:
         """Mixture parameters (B, P) at (r, c); start_row(r) and every earlier commit done."""
-        ul = self.ul_above[:, :, c]
+        ul = self.ul_above[:, c]
         if c > 0:  # right_shift: column 0 sees zeros
             ul = ul + self.ul_init_left.conv(c - 1)
         levels = [level for level in range(LEVELS) if r % (1 << level) == 0 and c % (1 << level) == 0]
@@ -265,8 +293,8 @@ class CachedNetwork:
             if level > 0:
                 ul = self.downsample_ul[level - 1].conv(col)
             up[level] = [ul]
-            for block, term in zip(self.up_ul[level], self.up_ul_terms[level]):
-                ul = block(ul, term[:, :, col], col)
+            for block in self.up_ul[level]:
+                ul = block(ul, col=col)
                 up[level].append(ul)
             if level < LEVELS - 1:
                 self.downsample_ul[level].write(ul, col)
@@ -278,19 +306,18 @@ class CachedNetwork:
                 if self.nonlocal_block is not None:
                     ul = self.nonlocal_block(ul, i * (self.width >> level) + col)
             else:
-                ul = self.ul_from_below[level][:, :, i % 2, col]
-            for block, (_, ul_half), term, x in zip(self.down_ul[level], self.down_ul_skip[level],
-                                                    self.down_ul_terms[level], reversed(up[level])):
-                ul = block(ul, term[:, :, col] + ul_half(self.nonlinearity(x)), col)
+                ul = self.ul_from_below[level][:, i % 2, col]
+            for block, (_, ul_half), x in zip(self.down_ul[level], self.down_ul_skip[level], reversed(up[level])):
+                ul = block(ul, ul_half(self.nonlinearity(x)), col)
             if level > 0:
                 weight, bias = self.upsample_ul[level - 1]
-                block = torch.mm(ul, weight).view(ul.shape[0], -1, 2, 2) + bias[:, None, None]
-                self.ul_from_below[level - 1][:, :, :, 2 * col:2 * col + 2] = block
+                square = torch.mm(ul, weight).view(ul.shape[0], 2, 2, -1) + bias
+                self.ul_from_below[level - 1][:, :, 2 * col:2 * col + 2] = square
         return self.out(F.elu(ul))
 
     def commit(self, r: int, c: int, pixel: torch.Tensor) -> None:
         """Hand the sampled pixel (B, C) to the input layers."""
-        features = torch.cat([pixel, self.constant_features[:, r, c].expand(pixel.shape[0], -1)], dim=1)
+        features = torch.cat([pixel, self.constant_features[r, c].expand(pixel.shape[0], -1)], dim=1)
         for cache in (self.u_init, self.ul_init_above, self.ul_init_left):
             cache.write(features, c)
 
