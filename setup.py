@@ -22,5 +22,5 @@ setup(
         "safetensors",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"]},
 )

@@ -1,0 +1,75 @@
+"""Naive against cached sampling, side by side: same model, same batch, same run.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/cpu.json
+    python benchmarks/report.py benchmarks/results/cpu.json
+
+Naive sampling runs one full forward pass per pixel, so for the big models it is
+estimated as (one forward pass) x H*W and labelled so; it is measured in full for the
+MNIST-size model at batch 1, which checks the estimate. FASTPIXEL_BENCH_QUICK=1 shrinks
+everything to a few seconds (the test suite runs it that way).
+"""
+import os
+
+import pytest
+import torch
+
+import fastpixel
+
+QUICK = os.environ.get("FASTPIXEL_BENCH_QUICK") == "1"
+if QUICK:
+    MODELS = {"tiny": fastpixel.ModelConfig(image_size=8, channels=1, nr_resnet=1, nr_filters=8, nr_logistic_mix=2)}
+    BATCHES = {"tiny": (1, 2)}
+    MEASURE_NAIVE = {("tiny", 1)}
+else:
+    MODELS = {
+        "mnist": fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=3, nr_filters=64, nr_logistic_mix=5),
+        "cifar": fastpixel.ModelConfig(image_size=32, channels=3, nr_resnet=5, nr_filters=160, nr_logistic_mix=10),
+    }
+    BATCHES = {"mnist": (1, 16, 64), "cifar": (1, 16, 64)}
+    MEASURE_NAIVE = {("mnist", 1)}
+CASES = [(name, batch) for name in MODELS for batch in BATCHES[name]]
+ROUNDS = 1 if QUICK else 2
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    built = {}
+    for name, cfg in MODELS.items():
+        model = fastpixel.PixelCNNpp(cfg)
+        height, width = cfg.shape
+        model.data_init(torch.rand(8, cfg.channels, height, width) * 2 - 1)  # realistic activation scales
+        built[name] = model.eval()
+    return built
+
+
+def describe(benchmark, name, batch, method, multiplier=1):
+    cfg = MODELS[name]
+    benchmark.group = f"{name} batch {batch}"
+    benchmark.extra_info.update(model=name, config=cfg.to_dict(), batch=batch, method=method,
+                                multiplier=multiplier, torch=torch.__version__, threads=torch.get_num_threads())
+
+
+@pytest.mark.parametrize("name, batch", CASES)
+def test_cached(benchmark, models, name, batch):
+    describe(benchmark, name, batch, "cached")
+    images = benchmark.pedantic(fastpixel.sample, args=(models[name], batch), kwargs=dict(fast=True, seed=0),
+                                rounds=ROUNDS, iterations=1)
+    assert images.shape[0] == batch
+
+
+@pytest.mark.parametrize("name, batch", CASES)
+def test_naive_estimated(benchmark, models, name, batch):
+    """One forward pass; naive sampling costs H*W of them (the report multiplies)."""
+    cfg = MODELS[name]
+    height, width = cfg.shape
+    describe(benchmark, name, batch, "naive (estimated: forward pass x H*W)", multiplier=height * width)
+    x = torch.zeros(batch, cfg.channels, height, width)
+    with torch.no_grad():
+        benchmark.pedantic(models[name], args=(x,), rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("name, batch", sorted(MEASURE_NAIVE))
+def test_naive_measured(benchmark, models, name, batch):
+    describe(benchmark, name, batch, "naive (measured)")
+    benchmark.pedantic(fastpixel.sample, args=(models[name], batch), kwargs=dict(seed=0), rounds=1, iterations=1)
