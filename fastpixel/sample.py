@@ -9,7 +9,6 @@ and without leaving a partial file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -22,10 +21,7 @@ import torch
 from . import sampling
 from .checkpoint import load, write_atomically
 from .grid import save_grid
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: reported in one line, exit code 2."""
+from .usage import UsageError, report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,8 +102,7 @@ def main(argv=None) -> int:
     try:
         print(run(args))
     except UsageError as err:
-        print(f"python -m fastpixel.sample: error: {err}", file=sys.stderr)
-        return 2
+        return report("python -m fastpixel.sample", err)
     return 0
 
 

@@ -108,18 +108,27 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-@torch.no_grad()
 def bits_per_dim(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=None,
                  batch_size: int = 256, progress: bool = False) -> float:
     """Average negative log2-likelihood per sub-pixel of uint8 images (N, C, H, W), in eval mode."""
+    images = torch.as_tensor(images_uint8)
+    if len(images) == 0:
+        raise ValueError("bits_per_dim needs at least one image")
+    nats = nll_sum(model, images, labels, batch_size, progress)
+    return nats / (images.numel() * math.log(2.0))
+
+
+@torch.no_grad()
+def nll_sum(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=None,
+            batch_size: int = 256, progress: bool = False) -> float:
+    """Total negative log-likelihood in nats of uint8 images (N, C, H, W), in eval mode
+    (sums from several processes add up, which bits_per_dim's averages would not)."""
     images = torch.as_tensor(images_uint8)
     config = model.config
     expected = (config.channels, *config.shape)
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
         raise ValueError(f"images must be uint8 of shape (N, {', '.join(map(str, expected))}), "
                          f"got {images.dtype} {tuple(images.shape)}")
-    if len(images) == 0:
-        raise ValueError("bits_per_dim needs at least one image")
     if labels is not None:
         labels = torch.as_tensor(labels)
     check_labels(config, labels, len(images))
@@ -130,4 +139,4 @@ def bits_per_dim(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, lab
             x = to_model_input(images[start:start + batch_size].to(param.device), param.dtype)
             y = None if labels is None else labels[start:start + batch_size].to(param.device)
             total += float(mixture.nll(model(x, y), x).double().sum())
-    return total / (images.numel() * math.log(2.0))
+    return total

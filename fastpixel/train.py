@@ -1,0 +1,480 @@
+"""`python -m fastpixel.train`: PixelCNN++ training, on the CPU, one GPU, or many through
+`torchrun` + DistributedDataParallel.
+
+    python -m fastpixel.train --data_set mnist --data_dir data --save_dir runs/mnist --nr_resnet 3 --nr_filters 64
+    torchrun --standalone --nproc_per_node 2 -m fastpixel.train --data_set mnist ...
+
+Batches and learning rate: `--batch_size` is per process, so one optimiser step sees
+`batch_size * world_size` images (the global batch), and DDP averages the gradients over
+it: `--lr` is the rate for that global batch and is not rescaled with the world size. The
+learning rate decays by `--lr_decay` every step.
+
+Nothing is lost when a run is killed: `save_dir/state.pt` (model, EMA, optimiser, step,
+RNG states; loads with `weights_only=True`) and `save_dir/model.safetensors` (the EMA
+model, for `fastpixel.load(save_dir)`) are written atomically, and `--resume` continues
+from the last one with the same losses as a run that was never stopped. Each epoch's data
+order depends only on (seed, epoch), so a resumed epoch skips exactly the batches it did.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import mixture
+from .checkpoint import save, write_atomically
+from .config import NONLINEARITIES, ModelConfig
+from .data import DATASETS, DataError, load_dataset
+from .grid import save_grid
+from .usage import UsageError, report
+from .model import PixelCNNpp
+from .sampling import nll_sum, sample, to_model_input
+
+STATE_FILE = "state.pt"
+MAX_NONFINITE_IN_A_ROW = 5
+# Arguments that fix the architecture: a resumed run must repeat them.
+ARCHITECTURE_ARGS = ("data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
+                     "class_conditional", "coordconv", "nonlocal_block")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastpixel.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data_set", choices=DATASETS, default="cifar10")
+    p.add_argument("--data_dir", default="data", help="where the data set lives (downloaded there when missing)")
+    p.add_argument("--no_download", action="store_true", help="never download missing data")
+    p.add_argument("--save_dir", default="save", help="checkpoints, metrics.jsonl, curves.png and samples")
+    p.add_argument("--nr_resnet", type=int, default=5)
+    p.add_argument("--nr_filters", type=int, default=160)
+    p.add_argument("--nr_logistic_mix", type=int, default=10)
+    p.add_argument("--resnet_nonlinearity", choices=NONLINEARITIES, default="concat_elu")
+    p.add_argument("--dropout_p", type=float, default=0.5)
+    p.add_argument("--max_epochs", type=int, default=5000)
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in all")
+    p.add_argument("--batch_size", type=int, default=16, help="images per process per step")
+    p.add_argument("--init_batch_size", type=int, default=100, help="images for the data-dependent initialisation")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr_decay", type=float, default=0.999995, help="learning-rate factor per step")
+    p.add_argument("--polyak_decay", type=float, default=0.9995, help="EMA decay of the weights per step")
+    p.add_argument("--grad_clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--class_conditional", action="store_true")
+    p.add_argument("-ac", "--coordconv", action="store_true", help="add CoordConv channels")
+    p.add_argument("-nl", "--nonlocal", dest="nonlocal_block", action="store_true", help="add a causal non-local block")
+    p.add_argument("-fl", "--focal", action="store_true", help="train with focal loss (bits/dim still reported plainly)")
+    p.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
+    p.add_argument("--save_interval", type=int, default=1, help="save every this many epochs")
+    p.add_argument("--save_every_steps", type=int, default=0, help="also save every this many steps (0: off)")
+    p.add_argument("--log_every", type=int, default=100, help="append a metrics line every this many steps")
+    p.add_argument("--resume", action="store_true", help="continue from save_dir/state.pt")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (CUDA only)")
+    p.add_argument("--num_samples", type=int, default=16, help="images in each epoch's sample grid (0: none)")
+    p.add_argument("--eval_batch_size", type=int, default=100)
+    p.add_argument("--max_test_images", type=int, default=None, help="evaluate on at most this many test images")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------- processes
+@dataclass
+class Processes:
+    """Where this process stands among those `torchrun` started (one, without torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+
+def start_processes() -> Processes:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world, device)
+
+
+# ---------------------------------------------------------------------------------- data order
+def epoch_batches(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tensor:
+    """This epoch's global batches of image indices, (steps, global_batch): a permutation that
+    depends only on (seed, epoch), cut into full batches (the remainder is dropped)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    steps = n // global_batch
+    return order[:steps * global_batch].view(steps, global_batch)
+
+
+def init_indices(n: int, seed: int, size: int) -> torch.Tensor:
+    """The images of the data-dependent initialisation: the same on every process."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+class _Images(torch.utils.data.Dataset):
+    """(image, label) pairs for a DataLoader; label 0 where the data set has none."""
+
+    def __init__(self, data):
+        self.images = data.images
+        self.labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+# ---------------------------------------------------------------------------------- training state
+class Trainer:
+    """Model, EMA copy, optimiser and schedule, and the counters that say where training is."""
+
+    def __init__(self, args: argparse.Namespace, config: ModelConfig, procs: Processes):
+        self.args, self.procs = args, procs
+        self.model = PixelCNNpp(config).to(procs.device)
+        self.ema = None
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=args.lr_decay)
+        self.step = 0            # optimiser steps taken (skipped non-finite steps do not count)
+        self.epoch = 0           # current epoch
+        self.batch_in_epoch = 0  # batches of the current epoch consumed
+        self.nonfinite_in_a_row = 0
+
+    def initialise(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        x = to_model_input(images.to(self.procs.device))
+        self.model.data_init(x, None if labels is None else labels.to(self.procs.device))
+        self.ema = copy.deepcopy(self.model).eval()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.args.polyak_decay
+        for ema, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema.lerp_(p, 1 - decay)
+
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "config": self.model.config.to_json(), "args": json.dumps(vars(self.args)), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema = copy.deepcopy(self.model).eval()
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, save_dir: Path) -> None:
+        """Training state, then the EMA model: each written atomically."""
+        state = self.state_dict()
+        write_atomically(save_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        save(self.ema, save_dir / "model.safetensors")
+
+
+def config_from(args: argparse.Namespace, dataset) -> ModelConfig:
+    _, channels, height, width = dataset.images.shape
+    try:
+        return ModelConfig(image_size=(height, width), channels=channels, nr_resnet=args.nr_resnet,
+                           nr_filters=args.nr_filters, nr_logistic_mix=args.nr_logistic_mix,
+                           num_classes=dataset.num_classes if args.class_conditional else None,
+                           dropout=args.dropout_p, resnet_nonlinearity=args.resnet_nonlinearity,
+                           coordconv=args.coordconv, nonlocal_block=args.nonlocal_block)
+    except ValueError as err:
+        raise UsageError(f"the model cannot take {args.data_set} images ({height}x{width}x{channels}): {err}") from None
+
+
+def check_args(args: argparse.Namespace, procs: Processes) -> None:
+    positive = ["nr_resnet", "nr_filters", "nr_logistic_mix", "batch_size", "init_batch_size", "max_epochs",
+                "save_interval", "log_every", "eval_batch_size"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("max_steps", "max_test_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.save_every_steps < 0 or args.num_workers < 0 or args.num_samples < 0:
+        raise UsageError("--save_every_steps, --num_workers and --num_samples must not be negative")
+    if not 0 < args.lr_decay <= 1 or not 0 <= args.polyak_decay < 1:
+        raise UsageError("--lr_decay must lie in (0, 1] and --polyak_decay in [0, 1)")
+    if args.amp == "bf16" and procs.device.type != "cuda":
+        raise UsageError("--amp bf16 needs a CUDA device; this run is on the CPU")
+
+
+def load_data(args: argparse.Namespace, procs: Processes):
+    try:
+        # Rank 0 downloads when needed; the others wait, then read what it wrote.
+        if procs.main:
+            train = load_dataset(args.data_set, args.data_dir, "train", download=not args.no_download)
+            test = load_dataset(args.data_set, args.data_dir, "test", download=not args.no_download)
+        if procs.world > 1:
+            dist.barrier()
+        if not procs.main:
+            train = load_dataset(args.data_set, args.data_dir, "train", download=False)
+            test = load_dataset(args.data_set, args.data_dir, "test", download=False)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    if args.class_conditional and (train.labels is None or test.labels is None):
+        raise UsageError(f"--class_conditional needs labels, and {args.data_set} in {args.data_dir} has none")
+    if args.max_test_images is not None:
+        test.images = test.images[:args.max_test_images]
+        test.labels = None if test.labels is None else test.labels[:args.max_test_images]
+    global_batch = args.batch_size * procs.world
+    if len(train.images) < global_batch:
+        raise UsageError(f"{len(train.images)} training images cannot fill one global batch of {global_batch}")
+    return train, test
+
+
+# ---------------------------------------------------------------------------------- the loop
+class Stop(Exception):
+    """Training ends early (signal, or too many non-finite losses in a row)."""
+
+
+def bits_per_dim_of(nats: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    return nats / (config.channels * config.shape[0] * config.shape[1] * math.log(2))
+
+
+def train(args: argparse.Namespace, procs: Processes) -> Trainer:
+    check_args(args, procs)
+    torch.manual_seed(args.seed)
+    save_dir = Path(args.save_dir)
+    train_set, test_set = load_data(args, procs)
+    config = config_from(args, train_set)
+    trainer = Trainer(args, config, procs)
+    state_path = save_dir / STATE_FILE
+    if args.resume:
+        if not state_path.is_file():
+            raise UsageError(f"--resume: no training state at {state_path}")
+        state = torch.load(state_path, map_location=procs.device, weights_only=True)
+        saved_args = json.loads(state["args"])
+        changed = [a for a in ARCHITECTURE_ARGS if saved_args.get(a) != getattr(args, a)]
+        if changed:
+            raise UsageError(f"--resume: {', '.join('--' + a for a in changed)} differ from the run in {save_dir}")
+        trainer.load_state_dict(state)
+    else:
+        if state_path.exists():
+            raise UsageError(f"{state_path} exists: pass --resume to continue that run, or choose another --save_dir")
+        size = min(args.init_batch_size, len(train_set.images))
+        index = init_indices(len(train_set.images), args.seed, size)
+        trainer.initialise(train_set.images[index], None if config.num_classes is None else train_set.labels[index])
+    if procs.main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "config.json").write_text(config.to_json() + "\n")
+
+    net = trainer.model
+    if procs.world > 1:
+        device_ids = [procs.device.index] if procs.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    # A signal ends the run after the current step, with a checkpoint (all processes agree when).
+    stop_signal = []
+    previous_handlers = (signal.signal(signal.SIGTERM, lambda *_: stop_signal.append("SIGTERM")),
+                         signal.signal(signal.SIGINT, lambda *_: stop_signal.append("SIGINT")))
+
+    global_batch = args.batch_size * procs.world
+    log = MetricsLog(save_dir / "metrics.jsonl", procs.main)
+    if args.resume:
+        log.keep_until(trainer.step)  # records a killed run wrote after its last checkpoint
+    try:
+        while trainer.epoch < args.max_epochs and not reached_max_steps(trainer, args):
+            batches = epoch_batches(len(train_set.images), trainer.epoch, args.seed, global_batch)
+            train_bpd = run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
+            if trainer.batch_in_epoch < len(batches):
+                break  # --max_steps fell inside the epoch: it is saved as unfinished
+            finish_epoch(trainer, train_bpd, test_set, args, procs, log, save_dir)
+    except Stop as why:
+        if procs.main:
+            print(f"python -m fastpixel.train: {why}", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handlers[0])
+        signal.signal(signal.SIGINT, previous_handlers[1])
+    if procs.main:
+        trainer.save(save_dir)
+        print(f"done: {trainer.step} steps, {trainer.epoch} epochs; EMA model in {save_dir / 'model.safetensors'}")
+    return trainer
+
+
+def reached_max_steps(trainer: Trainer, args) -> bool:
+    return args.max_steps is not None and trainer.step >= args.max_steps
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line, appended by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def append(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step` (written by a run killed after its last checkpoint)."""
+        if self.enabled and self.path.exists():
+            kept = "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= step)
+            write_atomically(self.path, lambda tmp: Path(tmp).write_text(kept))
+
+
+def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: Processes, log: MetricsLog,
+              stop_signal: list, save_dir: Path) -> float | None:
+    """Train on this epoch's remaining batches; the mean train bits/dim of the batches run."""
+    config = trainer.model.config
+    device = procs.device
+    # The loader gets its own generator: it would otherwise draw from the global one when it
+    # starts, and a resumed epoch (which starts a loader mid-epoch) would then drop out differently.
+    loader = torch.utils.data.DataLoader(
+        _Images(data), batch_sampler=[b[procs.rank * args.batch_size:(procs.rank + 1) * args.batch_size].tolist()
+                                      for b in batches[trainer.batch_in_epoch:]],
+        num_workers=args.num_workers, generator=torch.Generator())
+    net.train()
+    bar = tqdm(total=len(batches), initial=trainer.batch_in_epoch, disable=not procs.main,
+               desc=f"epoch {trainer.epoch}", unit="batch")
+    started, seen, epoch_bits = time.perf_counter(), 0, []
+    for images, labels in loader:
+        if reached_max_steps(trainer, args):
+            break
+        x = to_model_input(images.to(device, non_blocking=True))
+        labels = labels.to(device) if config.num_classes is not None else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            params = net(x, labels)
+        plain = mixture.nll(params.float(), x)
+        loss = mixture.focal_nll(params.float(), x, args.gamma) if args.focal else plain
+        loss = bits_per_dim_of(loss.mean(), config)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all())
+                                                    for p in trainer.model.parameters() if p.grad is not None)
+        # One vote per process: [non-finite?, stop asked?, train bits/dim] (summed over processes)
+        votes = procs.all_sum(torch.tensor([float(not finite), float(bool(stop_signal)),
+                                            float(bits_per_dim_of(plain.detach().mean(), config))], dtype=torch.float64))
+        trainer.batch_in_epoch += 1
+        if votes[0] > 0:
+            trainer.nonfinite_in_a_row += 1
+            log.append(step=trainer.step, epoch=trainer.epoch, event="non-finite loss, step skipped")
+            if trainer.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise Stop(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {trainer.step}; "
+                           f"stopping, the last good checkpoint in {save_dir} is intact (try a lower --lr or --grad_clip)")
+        else:
+            trainer.nonfinite_in_a_row = 0
+            if args.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.grad_clip)
+            trainer.optimizer.step()
+            trainer.schedule.step()
+            trainer.update_ema()
+            trainer.step += 1
+        train_bpd = float(votes[2]) / procs.world
+        epoch_bits.append(train_bpd)
+        seen += len(x) * procs.world
+        images_per_sec = seen / (time.perf_counter() - started)
+        bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{images_per_sec:.1f}")
+        bar.update(1)
+        if trainer.step % args.log_every == 0 and votes[0] == 0:
+            log.append(step=trainer.step, epoch=trainer.epoch, train_bpd=train_bpd, lr=trainer.schedule.get_last_lr()[0],
+                       images_per_sec=images_per_sec)
+        if args.save_every_steps and trainer.step % args.save_every_steps == 0 and votes[0] == 0 and procs.main:
+            trainer.save(save_dir)
+        if votes[1] > 0:
+            if procs.main:
+                trainer.save(save_dir)
+            raise Stop(f"stopped by a signal at step {trainer.step}; resume with --resume")
+    bar.close()
+    return sum(epoch_bits) / len(epoch_bits) if epoch_bits else None
+
+
+def finish_epoch(trainer: Trainer, train_bpd: float | None, test, args, procs: Processes, log: MetricsLog,
+                 save_dir: Path) -> None:
+    """Test bits/dim of the EMA weights (plain likelihood), a sample grid, the curves, a checkpoint."""
+    config = trainer.model.config
+    share = slice(procs.rank, None, procs.world)
+    labels = None if config.num_classes is None else test.labels[share]
+    nats = nll_sum(trainer.ema, test.images[share], labels, batch_size=args.eval_batch_size)
+    total = procs.all_sum(torch.tensor([nats, float(test.images[share].numel())], dtype=torch.float64))
+    test_bpd = float(total[0] / (total[1] * math.log(2)))
+    trainer.epoch += 1
+    trainer.batch_in_epoch = 0
+    if not procs.main:
+        return
+    log.append(step=trainer.step, epoch=trainer.epoch - 1, test_bpd=test_bpd, train_bpd=train_bpd)
+    print(f"epoch {trainer.epoch - 1}: test bits/dim {test_bpd:.4f} (EMA weights)")
+    if args.num_samples:
+        images = sample(trainer.ema, args.num_samples, fast=True, seed=0)
+        save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png")
+    plot_curves(log.records(), save_dir / "curves.png")
+    if trainer.epoch % args.save_interval == 0:
+        trainer.save(save_dir)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["train_bpd"]) for r in records if r.get("train_bpd") is not None and "test_bpd" not in r]
+    test = [(r["step"], r["test_bpd"]) for r in records if "test_bpd" in r]
+    if train:
+        ax.plot(*zip(*train), label="train (batch)", alpha=0.6)
+    if test:
+        ax.plot(*zip(*test), marker="o", label="test (EMA)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    procs = start_processes()
+    try:
+        train(args, procs)
+    except UsageError as err:
+        return report("python -m fastpixel.train", err) if procs.main else 2
+    except Stop:
+        return 1
+    finally:
+        if procs.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

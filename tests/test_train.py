@@ -1,0 +1,223 @@
+"""python -m fastpixel.train and python -m fastpixel.eval on tiny models and small data files."""
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastpixel
+from fastpixel import data as data_module
+from fastpixel import train as train_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2", "--init_batch_size", "16",
+        "--eval_batch_size", "50", "--num_samples", "4", "--no_download"]
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory) -> Path:
+    """64 training and 20 test images in MNIST's IDX format: random blobs, labels 0..9."""
+    folder = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 20)):
+        images = (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images, 2051)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    return folder
+
+
+def run_train(*args, cwd=ROOT, launcher=(sys.executable, "-m", "fastpixel.train"), **kwargs):
+    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, **kwargs)
+
+
+def metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(save_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_bpd"] for r in metrics(save_dir) if "train_bpd" in r and "test_bpd" not in r}
+
+
+def test_training_writes_checkpoints_metrics_samples_and_curves(mnist_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", save_dir, *TINY,
+                    "--batch_size", "16", "--max_epochs", "2", "--log_every", "1", "-ac", "-nl", "--class_conditional")
+    assert out.returncode == 0, out.stderr
+    records = metrics(save_dir)
+    assert {"step", "epoch", "train_bpd"} <= set(records[0])
+    evaluated = [r for r in records if "test_bpd" in r]
+    assert [r["epoch"] for r in evaluated] == [0, 1] and all(np.isfinite(r["test_bpd"]) for r in evaluated)
+    assert max(r["step"] for r in records) == 8  # 2 epochs of 64 // 16 steps
+    state = torch.load(save_dir / "state.pt", weights_only=True)
+    assert state["step"] == 8 and state["epoch"] == 2
+    model = fastpixel.load(save_dir)
+    assert model.config.num_classes == 10 and model.config.coordconv and model.config.nonlocal_block
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state["ema"][name])
+    assert (save_dir / "curves.png").stat().st_size > 0
+    assert sorted(p.name for p in save_dir.glob("samples_epoch*.png")) == ["samples_epoch0000.png", "samples_epoch0001.png"]
+    # fastpixel.eval reproduces the last test bits/dim of the EMA weights
+    result = subprocess.run([sys.executable, "-m", "fastpixel.eval", "--checkpoint", save_dir, "--data_set", "mnist",
+                             "--data_dir", mnist_dir, "--no_download", "--json", tmp_path / "eval.json"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["bits_per_dim"] == pytest.approx(evaluated[-1]["test_bpd"], rel=1e-6)
+    assert "test bits/dim:" in result.stdout
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", mnist_dir, *TINY, "--batch_size", "8", "--max_steps", "30",
+              "--log_every", "1", "--save_every_steps", "3", "--num_samples", "0", "--dropout_p", "0.5"]
+    reference = run_train(*common, "--save_dir", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    save_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "fastpixel.train", *map(str, common), "--save_dir", str(save_dir)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (save_dir / "state.pt").exists() and max(train_losses(save_dir), default=0) >= 7:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(save_dir / "state.pt", weights_only=True)["step"]
+    assert 3 <= killed_at < 30, "the run was not killed part-way"
+    resumed = run_train(*common, "--save_dir", save_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = train_losses(tmp_path / "reference"), train_losses(save_dir)
+    assert sorted(got) == list(range(1, 31))
+    assert got == expected
+    final = [torch.load(d / "state.pt", weights_only=True)["model"] for d in (tmp_path / "reference", save_dir)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", mnist_dir, *TINY, "--max_steps", "4", "--log_every", "1",
+              "--num_samples", "0", "--dropout_p", "0", "--max_epochs", "1"]
+    single = run_train(*common, "--batch_size", "16", "--save_dir", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    # A worker that trains through fastpixel.train, then checks that every rank holds the same parameters.
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from fastpixel import train\n"
+        "args = train.parse_args(sys.argv[1:])\n"
+        "procs = train.start_processes()\n"
+        "trainer = train.train(args, procs)\n"
+        "flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])\n"
+        "gathered = [torch.zeros_like(flat) for _ in range(procs.world)]\n"
+        "dist.all_gather(gathered, flat)\n"
+        "if procs.main:\n"
+        "    print('ranks identical:', all(torch.equal(gathered[0], g) for g in gathered))\n"
+        "dist.destroy_process_group()\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    double = run_train(*common, "--batch_size", "8", "--save_dir", tmp_path / "ddp", launcher=(*torchrun, str(worker)),
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert double.returncode == 0, double.stderr
+    assert "ranks identical: True" in double.stdout
+    one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    a, b = (fastpixel.load(tmp_path / name) for name in ("single", "ddp"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchrun_cli_runs_with_gloo_on_the_cpu(mnist_dir, tmp_path):
+    out = run_train("--nproc_per_node", "2", "-m", "fastpixel.train", "--data_set", "mnist", "--data_dir", mnist_dir,
+                    "--save_dir", tmp_path / "run", *TINY, "--batch_size", "8", "--max_steps", "2", "--num_samples", "0",
+                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    assert fastpixel.load(tmp_path / "run").config.nr_filters == 8
+
+
+def test_non_finite_losses_never_reach_the_weights(mnist_dir, tmp_path, monkeypatch, capsys):
+    save_dir = tmp_path / "run"
+    args = ["--data_set", "mnist", "--data_dir", str(mnist_dir), "--save_dir", str(save_dir), *TINY,
+            "--batch_size", "8", "--num_samples", "0", "--log_every", "1", "--save_every_steps", "2"]
+    assert train_module.main(args + ["--max_steps", "2"]) == 0
+    before = torch.load(save_dir / "state.pt", weights_only=True)
+    real_nll = fastpixel.mixture.nll
+    monkeypatch.setattr(fastpixel.mixture, "nll", lambda params, x: real_nll(params, x) * float("nan"))
+    assert train_module.main(args + ["--max_steps", "20", "--resume"]) == 1
+    assert "non-finite losses in a row" in capsys.readouterr().err
+    after = torch.load(save_dir / "state.pt", weights_only=True)
+    assert after["step"] == 2
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert sum(r.get("event", "").startswith("non-finite") for r in metrics(save_dir)) == 5
+
+
+def test_ema_follows_polyak_averaging(mnist_dir, tmp_path):
+    args = train_module.parse_args(["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--polyak_decay", "0.9"])
+    procs = train_module.Processes(0, 1, torch.device("cpu"))
+    config = fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
+    trainer = train_module.Trainer(args, config, procs)
+    trainer.initialise(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), None)
+    old = [p.detach().clone() for p in trainer.ema.parameters()]
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    trainer.update_ema()
+    for e, o, p in zip(trainer.ema.parameters(), old, trainer.model.parameters()):
+        torch.testing.assert_close(e, 0.9 * o + 0.1 * p)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data_set", "imagenet32"], "imagenet"),
+    (["--data_set", "mnist", "--batch_size", "0"], "--batch_size must be positive"),
+    (["--data_set", "mnist", "--amp", "bf16"], "needs a CUDA device"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, extra, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run_train("--data_dir", empty, "--save_dir", tmp_path / "run", *TINY, *extra)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+
+
+def test_resume_without_a_saved_run_is_refused(mnist_dir, tmp_path):
+    out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", tmp_path / "run", *TINY, "--resume")
+    assert out.returncode == 2 and "no training state" in out.stderr
+
+
+def test_missing_mnist_files_are_named_without_downloading(tmp_path):
+    out = run_train("--data_set", "mnist", "--data_dir", tmp_path, "--save_dir", tmp_path / "run", *TINY)
+    assert out.returncode == 2
+    assert "train-images-idx3-ubyte" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_the_model_cannot_take_is_refused(mnist_dir, tmp_path, monkeypatch, capsys):
+    base = ["--data_set", "mnist", "--data_dir", str(mnist_dir), "--save_dir", str(tmp_path / "run"), *TINY]
+    odd = data_module.ImageSet(torch.zeros(40, 1, 30, 30, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), 10)
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: odd)
+    assert train_module.main(base) == 2
+    assert "cannot take mnist images (30x30x1)" in capsys.readouterr().err
+    unlabelled = data_module.ImageSet(torch.zeros(40, 1, 28, 28, dtype=torch.uint8), None, None)
+    monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: unlabelled)
+    assert train_module.main(base + ["--class_conditional"]) == 2
+    assert "needs labels" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten_without_resume(mnist_dir, tmp_path):
+    args = ["--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", tmp_path / "run", *TINY,
+            "--batch_size", "16", "--max_steps", "1", "--num_samples", "0"]
+    assert run_train(*args).returncode == 0
+    again = run_train(*args)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    shutil.rmtree(tmp_path / "run")
