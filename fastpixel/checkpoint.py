@@ -16,6 +16,7 @@ from .model import PixelCNNpp
 
 FORMAT = "fastpixel.PixelCNNpp/1"
 MODEL_FILE = "model.safetensors"  # the file `load` looks for inside a directory
+BUNDLED = Path(__file__).parent / "weights"  # trained models shipped with the package, by name
 
 
 class CheckpointError(ValueError):
@@ -48,12 +49,31 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
+def bundled_models() -> list[str]:
+    """Names of the trained models shipped with fastpixel (`load(name)` loads one)."""
+    return sorted(p.stem for p in BUNDLED.glob("*.safetensors"))
+
+
+def _model_file(path: str | os.PathLike) -> Path:
+    """The file `load` reads: `path` itself, `path/model.safetensors`, or a bundled model's."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        return candidate / MODEL_FILE
+    if candidate.exists():
+        return candidate
+    if candidate.suffix == "" and candidate.name == str(path):  # a bare name like "mnist"
+        bundled = BUNDLED / f"{candidate.name}.safetensors"
+        if bundled.is_file():
+            return bundled
+        raise FileNotFoundError(f"no fastpixel model file at {path}, and no bundled model of that name; "
+                                f"bundled models: {', '.join(bundled_models()) or 'none'}")
+    raise FileNotFoundError(f"no fastpixel model file at {path}")
+
+
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> PixelCNNpp:
-    """A model (float32, eval mode) from a file written by `save`, or a directory holding
-    `model.safetensors` (a training run's save_dir)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
+    """A model (float32, eval mode) from a file written by `save`, a directory holding
+    `model.safetensors` (a training run's save_dir), or the name of a bundled model ("mnist")."""
+    path = _model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fastpixel model file at {path}")
     try:
