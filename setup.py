@@ -14,13 +14,15 @@ setup(
     python_requires=">=3.10",
     packages=["fastpixel", "fastpixel.kernels"],
     package_dir={"fastpixel": "fastpixel", "fastpixel.kernels": "kernels"},
+    package_data={"fastpixel": ["weights/*.safetensors", "weights/README.md"]},
     install_requires=[
         "torch",  # never pinned: GPU machines bring their own build
         "numpy",
         "pillow",
         "tqdm",
         "safetensors",
+        "matplotlib",  # training curves and benchmark plots
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
 )

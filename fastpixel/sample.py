@@ -27,7 +27,8 @@ from .usage import UsageError, report
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastpixel.sample", description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="use the cached sampler (same images as without, much faster)")
-    parser.add_argument("--checkpoint", required=True, help="a model file written by fastpixel.save, or a training save_dir")
+    parser.add_argument("--checkpoint", default="mnist",
+                        help="a bundled model's name (default: mnist), a file written by fastpixel.save, or a training save_dir")
     parser.add_argument("-n", "--num-samples", type=int, default=16, help="how many images (default 16)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all at once)")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")

@@ -51,3 +51,12 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     save_file(tensors, str(path), metadata={"format": "fastpixel.PixelCNNpp/1", "config": model.config.to_json()})
     with pytest.raises(CheckpointError, match="do not match its config"):
         fastpixel.load(path)
+
+
+def test_unknown_bundled_name_lists_the_bundled_models():
+    from fastpixel.checkpoint import bundled_models
+
+    with pytest.raises(FileNotFoundError) as err:
+        fastpixel.load("nope")
+    assert "bundled models:" in str(err.value)
+    assert all(name in str(err.value) for name in bundled_models())
