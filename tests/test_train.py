@@ -55,7 +55,7 @@ def train_losses(save_dir: Path) -> dict[int, float]:
 def test_training_writes_checkpoints_metrics_samples_and_curves(mnist_dir, tmp_path):
     save_dir = tmp_path / "run"
     out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", save_dir, *TINY,
-                    "--batch_size", "16", "--max_epochs", "2", "--log_every", "1", "-ac", "-nl", "--class_conditional")
+                    "--batch_size", "16", "--max_epochs", "2", "--log_every", "1", "-ac", "-nl", "-fl", "--class_conditional")
     assert out.returncode == 0, out.stderr
     records = metrics(save_dir)
     assert {"step", "epoch", "train_bpd"} <= set(records[0])
