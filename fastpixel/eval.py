@@ -64,6 +64,9 @@ def main(argv=None) -> int:
         result = run(args)
     except (OSError, ValueError, DataError) as err:
         return report("python -m fastpixel.eval", err)
+    except KeyboardInterrupt:
+        print("python -m fastpixel.eval: interrupted; nothing was written", file=sys.stderr)
+        return 130
     print(f"{args.split} bits/dim: {result['bits_per_dim']:.4f} ({result['images']} images of {args.data_set})")
     if args.json:
         write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))

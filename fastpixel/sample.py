@@ -104,6 +104,9 @@ def main(argv=None) -> int:
         print(run(args))
     except UsageError as err:
         return report("python -m fastpixel.sample", err)
+    except KeyboardInterrupt:
+        print("python -m fastpixel.sample: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import mixture
-from .checkpoint import save, write_atomically
+from .checkpoint import load, save, write_atomically
 from .config import NONLINEARITIES, ModelConfig
 from .data import DATASETS, DataError, load_dataset
 from .grid import save_grid
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_every_steps", type=int, default=0, help="also save every this many steps (0: off)")
     p.add_argument("--log_every", type=int, default=100, help="append a metrics line every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from save_dir/state.pt")
+    p.add_argument("--init_from", default=None,
+                   help="start from these weights (a model file, save_dir or bundled name) instead of a fresh "
+                        "data-dependent initialisation; the optimiser starts afresh")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (CUDA only)")
     p.add_argument("--num_samples", type=int, default=16, help="images in each epoch's sample grid (0: none)")
@@ -165,6 +168,18 @@ class Trainer:
     def initialise(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
         x = to_model_input(images.to(self.procs.device))
         self.model.data_init(x, None if labels is None else labels.to(self.procs.device))
+        self.ema = copy.deepcopy(self.model).eval()
+
+    def start_from(self, path: str) -> None:
+        """Model and EMA from a saved model of the same configuration (a warm start)."""
+        try:
+            saved = load(path)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--init_from: {err}") from None
+        if saved.config != self.model.config:
+            raise UsageError(f"--init_from: {path} has configuration {saved.config.to_json()}, "
+                             f"this run needs {self.model.config.to_json()}")
+        self.model.load_state_dict(saved.state_dict())
         self.ema = copy.deepcopy(self.model).eval()
 
     @torch.no_grad()
@@ -282,9 +297,12 @@ def train(args: argparse.Namespace, procs: Processes) -> Trainer:
     else:
         if state_path.exists():
             raise UsageError(f"{state_path} exists: pass --resume to continue that run, or choose another --save_dir")
-        size = min(args.init_batch_size, len(train_set.images))
-        index = init_indices(len(train_set.images), args.seed, size)
-        trainer.initialise(train_set.images[index], None if config.num_classes is None else train_set.labels[index])
+        if args.init_from:
+            trainer.start_from(args.init_from)
+        else:
+            size = min(args.init_batch_size, len(train_set.images))
+            index = init_indices(len(train_set.images), args.seed, size)
+            trainer.initialise(train_set.images[index], None if config.num_classes is None else train_set.labels[index])
     if procs.main:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.json").write_text(config.to_json() + "\n")

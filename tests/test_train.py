@@ -163,6 +163,21 @@ def test_non_finite_losses_never_reach_the_weights(mnist_dir, tmp_path, monkeypa
     assert sum(r.get("event", "").startswith("non-finite") for r in metrics(save_dir)) == 5
 
 
+def test_init_from_warm_starts_from_saved_weights(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "16", "--num_samples", "0"]
+    assert train_module.main(common + ["--save_dir", str(tmp_path / "first"), "--max_steps", "2"]) == 0
+    trainer = train_module.train(train_module.parse_args(
+        common + ["--save_dir", str(tmp_path / "second"), "--max_steps", "1", "--init_from", str(tmp_path / "first")]),
+        train_module.Processes(0, 1, torch.device("cpu")))
+    first = fastpixel.load(tmp_path / "first")
+    assert trainer.step == 1
+    # one Adam step from the saved weights moves each by at most about lr
+    for (name, a), (_, b) in zip(first.state_dict().items(), trainer.model.state_dict().items()):
+        assert (a - b).abs().max() <= 1.1e-3, name
+    wrong = common + ["--save_dir", str(tmp_path / "third"), "--init_from", str(tmp_path / "first"), "--nr_filters", "4"]
+    assert train_module.main(wrong) == 2
+
+
 def test_ema_follows_polyak_averaging(mnist_dir, tmp_path):
     args = train_module.parse_args(["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--polyak_decay", "0.9"])
     procs = train_module.Processes(0, 1, torch.device("cpu"))
