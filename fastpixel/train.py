@@ -184,7 +184,9 @@ class Trainer:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.args.polyak_decay
+        # Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates): without it the
+        # average of a short run stays dominated by the random initial weights (0.9995^2000 = 37%).
+        decay = min(self.args.polyak_decay, (1 + self.step) / (10 + self.step))
         for ema, p in zip(self.ema.parameters(), self.model.parameters()):
             ema.lerp_(p, 1 - decay)
 

@@ -178,19 +178,21 @@ def test_init_from_warm_starts_from_saved_weights(mnist_dir, tmp_path):
     assert train_module.main(wrong) == 2
 
 
-def test_ema_follows_polyak_averaging(mnist_dir, tmp_path):
+def test_ema_follows_polyak_averaging_after_a_warm_up(mnist_dir, tmp_path):
     args = train_module.parse_args(["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--polyak_decay", "0.9"])
     procs = train_module.Processes(0, 1, torch.device("cpu"))
     config = fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
     trainer = train_module.Trainer(args, config, procs)
     trainer.initialise(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), None)
-    old = [p.detach().clone() for p in trainer.ema.parameters()]
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(1.0)
-    trainer.update_ema()
-    for e, o, p in zip(trainer.ema.parameters(), old, trainer.model.parameters()):
-        torch.testing.assert_close(e, 0.9 * o + 0.1 * p)
+    for step, decay in [(0, 0.1), (5, 6 / 15), (10**6, 0.9)]:  # min(polyak_decay, (1 + step) / (10 + step))
+        trainer.step = step
+        old = [p.detach().clone() for p in trainer.ema.parameters()]
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(1.0)
+        trainer.update_ema()
+        for e, o, p in zip(trainer.ema.parameters(), old, trainer.model.parameters()):
+            torch.testing.assert_close(e, decay * o + (1 - decay) * p)
 
 
 @pytest.mark.parametrize("extra, message", [
