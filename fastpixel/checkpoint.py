@@ -41,6 +41,9 @@ def write_atomically(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; a normal file follows the umask
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,14 +60,15 @@ def bundled_models() -> list[str]:
 def _model_file(path: str | os.PathLike) -> Path:
     """The file `load` reads: `path` itself, `path/model.safetensors`, or a bundled model's."""
     candidate = Path(path)
+    bare_name = candidate.suffix == "" and candidate.name == str(path)  # "mnist", not "./mnist" or "m.safetensors"
+    # A bundled name wins over a folder of the same name (data folders are often called "mnist").
+    if bare_name and (BUNDLED / f"{candidate.name}.safetensors").is_file():
+        return BUNDLED / f"{candidate.name}.safetensors"
     if candidate.is_dir():
         return candidate / MODEL_FILE
     if candidate.exists():
         return candidate
-    if candidate.suffix == "" and candidate.name == str(path):  # a bare name like "mnist"
-        bundled = BUNDLED / f"{candidate.name}.safetensors"
-        if bundled.is_file():
-            return bundled
+    if bare_name:
         raise FileNotFoundError(f"no fastpixel model file at {path}, and no bundled model of that name; "
                                 f"bundled models: {', '.join(bundled_models()) or 'none'}")
     raise FileNotFoundError(f"no fastpixel model file at {path}")

@@ -33,6 +33,8 @@ class ModelConfig:
             size = tuple(size)
         if not (_is_int(size) or (isinstance(size, tuple) and len(size) == 2 and all(map(_is_int, size)))):
             raise ValueError(f"image_size must be an int or (height, width), got {self.image_size!r}")
+        if isinstance(size, tuple) and size[0] == size[1]:
+            size = size[0]  # one spelling per shape, so that equal configs compare equal
         self.image_size = size
         if any(s <= 0 or s % 4 for s in self.shape):
             raise ValueError(f"image_size must be positive and divisible by 4 in both dimensions, got {self.image_size!r}")

@@ -115,7 +115,8 @@ def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0) -> torc
     # log P(x_<=c): mixture of the running products over channels; differences give conditionals.
     joint = torch.logsumexp(log_weights.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # (B, C, H, W)
     conditional = joint - F.pad(joint, (0, 0, 0, 0, 1, 0))[:, :-1]
-    weight = (-torch.expm1(conditional)).clamp(min=0) ** gamma
+    # clamp away from 0: (1 - P)^gamma has an infinite slope there for gamma < 1
+    weight = (-torch.expm1(conditional)).clamp(min=torch.finfo(conditional.dtype).tiny) ** gamma
     return -(weight * conditional).flatten(1).sum(dim=1)
 
 
@@ -174,6 +175,8 @@ def snap_to_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_pair(params: torch.Tensor, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point on the [-1, 1] grid (u8 / 127.5 - 1), got {x.dtype}")
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x must have shape (batch, 1 or 3, height, width), got {tuple(x.shape)}")
     if params.dim() != 4 or params.shape[0] != x.shape[0] or params.shape[2:] != x.shape[2:]:

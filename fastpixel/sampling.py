@@ -33,7 +33,8 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype.
 
     fast=True uses the incremental activation cache; with the same seed it returns the
-    same images as the naive sampler. Class-conditional models take one label per image
+    same images as the naive sampler (bit for bit in float64; in lower precision the two
+    compute the same parameters to rounding, so a draw that lands on a bin edge may differ). Class-conditional models take one label per image
     (default: cycle through the classes). seed=None draws a fresh seed.
     """
     if not isinstance(model, PixelCNNpp):
@@ -79,8 +80,8 @@ def _naive_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Grid values in [-1, 1] back to 0..255."""
-    return torch.round((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    """Grid values in [-1, 1] back to 0..255 (in float32: bf16 cannot hold 127.5 * x exactly)."""
+    return torch.round((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
 
 
 def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -124,6 +125,10 @@ def nll_sum(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=N
     """Total negative log-likelihood in nats of uint8 images (N, C, H, W), in eval mode
     (sums from several processes add up, which bits_per_dim's averages would not)."""
     images = torch.as_tensor(images_uint8)
+    if not isinstance(model, PixelCNNpp):
+        raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = model.config
     expected = (config.channels, *config.shape)
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
@@ -136,7 +141,8 @@ def nll_sum(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=N
     total = 0.0
     with _eval_mode(model):
         for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="bits/dim", unit="batch"):
-            x = to_model_input(images[start:start + batch_size].to(param.device), param.dtype)
+            # The likelihood is taken at the exact grid values; bf16 would round them off the grid.
+            x = to_model_input(images[start:start + batch_size].to(param.device), torch.promote_types(param.dtype, torch.float32))
             y = None if labels is None else labels[start:start + batch_size].to(param.device)
-            total += float(mixture.nll(model(x, y), x).double().sum())
+            total += float(mixture.nll(model(x.to(param.dtype), y), x).double().sum())
     return total

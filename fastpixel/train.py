@@ -9,11 +9,12 @@ Batches and learning rate: `--batch_size` is per process, so one optimiser step 
 it: `--lr` is the rate for that global batch and is not rescaled with the world size. The
 learning rate decays by `--lr_decay` every step.
 
-Nothing is lost when a run is killed: `save_dir/state.pt` (model, EMA, optimiser, step,
-RNG states; loads with `weights_only=True`) and `save_dir/model.safetensors` (the EMA
+Nothing is lost when a run is killed: `save_dir/state.pt` (model, EMA, optimiser, step;
+loads with `weights_only=True`) and `save_dir/model.safetensors` (the EMA
 model, for `fastpixel.load(save_dir)`) are written atomically, and `--resume` continues
 from the last one with the same losses as a run that was never stopped. Each epoch's data
-order depends only on (seed, epoch), so a resumed epoch skips exactly the batches it did.
+order depends only on (seed, epoch), so a resumed epoch skips exactly the batches it did, and
+each step's dropout noise only on (seed, rank, epoch, batch), so no RNG state needs saving.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -43,9 +45,11 @@ from .sampling import nll_sum, sample, to_model_input
 
 STATE_FILE = "state.pt"
 MAX_NONFINITE_IN_A_ROW = 5
-# Arguments that fix the architecture: a resumed run must repeat them.
-ARCHITECTURE_ARGS = ("data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
-                     "class_conditional", "coordconv", "nonlocal_block")
+# Arguments a resumed run must repeat: they fix the architecture, the data order or the
+# optimisation (a saved optimiser would silently override a new --lr).
+RESUME_MUST_MATCH = ("data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
+                     "class_conditional", "coordconv", "nonlocal_block", "seed", "lr", "lr_decay", "polyak_decay",
+                     "focal", "gamma", "grad_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,6 +135,12 @@ def epoch_batches(n: int, epoch: int, seed: int, global_batch: int) -> torch.Ten
     return order[:steps * global_batch].view(steps, global_batch)
 
 
+def seed_step(seed: int, rank: int, epoch: int, batch: int) -> None:
+    """Seed the global generators (dropout) from where training stands: each process draws
+    different masks, and a resumed run draws the same ones as a run that never stopped."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(1, dtype=np.uint64)[0]))
+
+
 def init_indices(n: int, seed: int, size: int) -> torch.Tensor:
     """The images of the data-dependent initialisation: the same on every process."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
@@ -191,13 +201,10 @@ class Trainer:
             ema.lerp_(p, 1 - decay)
 
     def state_dict(self) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "config": self.model.config.to_json(), "args": json.dumps(vars(self.args)), "rng": rng}
+                "world": self.procs.world, "config": self.model.config.to_json(), "args": json.dumps(vars(self.args))}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -206,9 +213,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, save_dir: Path) -> None:
         """Training state, then the EMA model: each written atomically."""
@@ -242,6 +246,8 @@ def check_args(args: argparse.Namespace, procs: Processes) -> None:
         raise UsageError("--save_every_steps, --num_workers and --num_samples must not be negative")
     if not 0 < args.lr_decay <= 1 or not 0 <= args.polyak_decay < 1:
         raise UsageError("--lr_decay must lie in (0, 1] and --polyak_decay in [0, 1)")
+    if not args.lr > 0 or (args.grad_clip is not None and not args.grad_clip > 0) or args.gamma < 0:
+        raise UsageError("--lr and --grad_clip must be positive and --gamma must not be negative")
     if args.amp == "bf16" and procs.device.type != "cuda":
         raise UsageError("--amp bf16 needs a CUDA device; this run is on the CPU")
 
@@ -290,9 +296,14 @@ def train(args: argparse.Namespace, procs: Processes) -> Trainer:
     if args.resume:
         if not state_path.is_file():
             raise UsageError(f"--resume: no training state at {state_path}")
-        state = torch.load(state_path, map_location=procs.device, weights_only=True)
-        saved_args = json.loads(state["args"])
-        changed = [a for a in ARCHITECTURE_ARGS if saved_args.get(a) != getattr(args, a)]
+        try:  # on the CPU: load_state_dict moves tensors to the model's device
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            saved_args = json.loads(state["args"])
+        except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways)
+            raise UsageError(f"--resume: cannot read {state_path}: {err}") from None
+        changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a) != getattr(args, a)]
+        if saved_args.get("batch_size", 0) * state.get("world", 1) != args.batch_size * procs.world:
+            changed.append("batch_size (times the number of processes)")
         if changed:
             raise UsageError(f"--resume: {', '.join('--' + a for a in changed)} differ from the run in {save_dir}")
         trainer.load_state_dict(state)
@@ -389,6 +400,7 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
     for images, labels in loader:
         if reached_max_steps(trainer, args):
             break
+        seed_step(args.seed, procs.rank, trainer.epoch, trainer.batch_in_epoch)
         x = to_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device) if config.num_classes is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
@@ -398,11 +410,12 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
         loss = bits_per_dim_of(loss.mean(), config)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all())
-                                                    for p in trainer.model.parameters() if p.grad is not None)
-        # One vote per process: [non-finite?, stop asked?, train bits/dim] (summed over processes)
-        votes = procs.all_sum(torch.tensor([float(not finite), float(bool(stop_signal)),
-                                            float(bits_per_dim_of(plain.detach().mean(), config))], dtype=torch.float64))
+        finite = torch.stack([torch.isfinite(loss)] + [p.grad.isfinite().all() for p in trainer.model.parameters()
+                                                       if p.grad is not None]).all()
+        # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim].
+        votes = torch.stack([(~finite).double(), torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device),
+                             bits_per_dim_of(plain.detach().mean(), config).double()])
+        votes = procs.all_sum(votes).tolist()
         trainer.batch_in_epoch += 1
         if votes[0] > 0:
             trainer.nonfinite_in_a_row += 1
@@ -444,7 +457,7 @@ def finish_epoch(trainer: Trainer, train_bpd: float | None, test, args, procs: P
     share = slice(procs.rank, None, procs.world)
     labels = None if config.num_classes is None else test.labels[share]
     nats = nll_sum(trainer.ema, test.images[share], labels, batch_size=args.eval_batch_size)
-    total = procs.all_sum(torch.tensor([nats, float(test.images[share].numel())], dtype=torch.float64))
+    total = procs.all_sum(torch.tensor([nats, float(test.images[share].numel())], dtype=torch.float64, device=procs.device))
     test_bpd = float(total[0] / (total[1] * math.log(2)))
     trainer.epoch += 1
     trainer.batch_in_epoch = 0
@@ -490,6 +503,10 @@ def main(argv=None) -> int:
         return report("python -m fastpixel.train", err) if procs.main else 2
     except Stop:
         return 1
+    except KeyboardInterrupt:  # before the training loop's own handlers were installed
+        if procs.main:
+            print("python -m fastpixel.train: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     finally:
         if procs.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -60,3 +60,15 @@ def test_unknown_bundled_name_lists_the_bundled_models():
         fastpixel.load("nope")
     assert "bundled models:" in str(err.value)
     assert all(name in str(err.value) for name in bundled_models())
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = fastpixel.save(tiny_model(dtype=torch.float32), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -10,6 +10,7 @@ def test_json_round_trip_keeps_every_field():
     assert again == cfg
     assert again.shape == (28, 32)
     assert ModelConfig.from_json(ModelConfig(image_size=28).to_json()).image_size == 28
+    assert ModelConfig(image_size=(28, 28)) == ModelConfig(image_size=28)  # one spelling per shape
 
 
 @pytest.mark.parametrize("field, value, allowed", [

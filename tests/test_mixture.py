@@ -121,6 +121,22 @@ def test_focal_nll_is_nll_at_gamma_zero_and_smaller_at_gamma_two():
         assert torch.all(focal < nll)
 
 
+def test_focal_nll_has_finite_gradients_for_certain_pixels_and_small_gamma():
+    params = torch.zeros(1, 3, 2, 2)
+    params[:, 1] = -1.2  # means far below the data range: the lowest level is certain in float32
+    params[:, 2] = -7.0
+    params.requires_grad_()
+    x = torch.full((1, 1, 2, 2), -1.0)
+    for gamma in (0.5, 1.0, 2.0):
+        (grad,) = torch.autograd.grad(mixture.focal_nll(params, x, gamma).sum(), params)
+        assert torch.isfinite(grad).all(), gamma
+
+
+def test_nll_refuses_uint8_images():
+    with pytest.raises(ValueError, match="floating point"):
+        mixture.nll(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+
+
 def test_focal_nll_weights_each_subpixel_conditional():
     params = random_params(1, 3, 2)
     x = GRID[torch.tensor([10, 200, 128])].view(1, 3, 1, 1)

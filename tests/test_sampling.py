@@ -74,3 +74,5 @@ def test_bits_per_dim_is_mean_nll_in_bits():
         fastpixel.bits_per_dim(model, images.float())
     with pytest.raises(ValueError, match="uint8 of shape"):
         fastpixel.bits_per_dim(model, images[:, :1])
+    with pytest.raises(ValueError, match="batch_size"):
+        fastpixel.bits_per_dim(model, images, batch_size=0)

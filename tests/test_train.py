@@ -52,6 +52,14 @@ def train_losses(save_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train_bpd"] for r in metrics(save_dir) if "train_bpd" in r and "test_bpd" not in r}
 
 
+def steps_logged_so_far(save_dir: Path) -> int:
+    """The last step in metrics.jsonl of a running process (a line may be half-written)."""
+    try:
+        return max(train_losses(save_dir), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
 def test_training_writes_checkpoints_metrics_samples_and_curves(mnist_dir, tmp_path):
     save_dir = tmp_path / "run"
     out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", save_dir, *TINY,
@@ -89,7 +97,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(mnist_dir, tmp_path):
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
-        if (save_dir / "state.pt").exists() and max(train_losses(save_dir), default=0) >= 7:
+        if (save_dir / "state.pt").exists() and steps_logged_so_far(save_dir) >= 7:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
@@ -199,6 +207,8 @@ def test_ema_follows_polyak_averaging_after_a_warm_up(mnist_dir, tmp_path):
     (["--data_set", "imagenet32"], "imagenet"),
     (["--data_set", "mnist", "--batch_size", "0"], "--batch_size must be positive"),
     (["--data_set", "mnist", "--amp", "bf16"], "needs a CUDA device"),
+    (["--data_set", "mnist", "--lr", "-1"], "--lr and --grad_clip must be positive"),
+    (["--data_set", "mnist", "--grad_clip", "0"], "--lr and --grad_clip must be positive"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, extra, message):
     empty = tmp_path / "empty"
@@ -208,9 +218,18 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, extra, message):
     assert message in out.stderr and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
 
 
-def test_resume_without_a_saved_run_is_refused(mnist_dir, tmp_path):
-    out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", tmp_path / "run", *TINY, "--resume")
+def test_resume_refuses_what_would_make_it_inexact(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), "--save_dir", str(tmp_path / "run"), *TINY,
+              "--num_samples", "0", "--batch_size", "8"]
+    out = run_train(*common, "--resume")
     assert out.returncode == 2 and "no training state" in out.stderr
+    assert run_train(*common, "--max_steps", "1").returncode == 0
+    for change, flag in [(["--seed", "2"], "--seed"), (["--lr", "0.01"], "--lr"), (["--batch_size", "16"], "--batch_size")]:
+        out = run_train(*common, "--resume", "--max_steps", "2", *change)
+        assert out.returncode == 2 and flag in out.stderr and "differ" in out.stderr, change
+    (tmp_path / "run" / "state.pt").write_bytes(b"garbage")
+    out = run_train(*common, "--resume", "--max_steps", "2")
+    assert out.returncode == 2 and "cannot read" in out.stderr
 
 
 def test_missing_mnist_files_are_named_without_downloading(tmp_path):
