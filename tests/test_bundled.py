@@ -1,0 +1,53 @@
+"""The trained models shipped in fastpixel/weights: they load, match their model cards,
+score what the card says, and the no-argument sampler uses the MNIST one."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import fastpixel
+from fastpixel.checkpoint import BUNDLED, bundled_models
+from fastpixel.data import load_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CARD = (BUNDLED / "README.md").read_text() if (BUNDLED / "README.md").exists() else ""
+
+
+def card_section(name: str) -> str:
+    match = re.search(rf"^## `{re.escape(name)}`\n(.*?)(?=^## |\Z)", CARD, re.S | re.M)
+    assert match, f"fastpixel/weights/README.md has no section for {name}"
+    return match.group(1)
+
+
+def test_mnist_is_bundled():
+    assert "mnist" in bundled_models()
+
+
+@pytest.mark.parametrize("name", bundled_models())
+def test_bundled_model_matches_its_card(name):
+    section = card_section(name)
+    config = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
+    assert fastpixel.load(name).config == fastpixel.ModelConfig.from_dict(config)
+
+
+@pytest.mark.parametrize("name", bundled_models())
+def test_bundled_model_scores_the_cards_bits_per_dim_on_500_test_images(name):
+    data_set = re.search(r"data set: `(\w+)`", card_section(name)).group(1)
+    claimed = float(re.search(r"first 500 test images: ([0-9.]+) bits/dim", card_section(name)).group(1))
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the real {data_set} test set is not here ({SHARED_DATA} is absent)")
+    test = load_dataset(data_set, SHARED_DATA, "test", download=False)
+    model = fastpixel.load(name)
+    labels = None if model.config.num_classes is None else test.labels[:500]
+    assert fastpixel.bits_per_dim(model, test.images[:500], labels) == pytest.approx(claimed, abs=0.02)
+
+
+def test_sampler_without_arguments_draws_from_the_bundled_mnist_model(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastpixel.sample", "--fast", "-n", "2"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "samples.png").size == (2 * 30 + 2, 30 + 2)
