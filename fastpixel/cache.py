@@ -276,7 +276,7 @@ class CachedNetwork:
                 ul_block.start_pixels(u_half(self.nonlinearity(u)))
             if level > 0:
                 layer, weight, bias = self.upsample_u[level - 1]
-                rows = layer._linear_part(u.transpose(1, 2)[:, :, None], weight) + bias[:, None, None]
+                rows = layer.linear(u.transpose(1, 2)[:, :, None], weight) + bias[:, None, None]
                 self.u_from_below[level - 1].copy_(rows.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ the ul stream, per pixel

@@ -63,18 +63,19 @@ class _WeightNormed(nn.Module):
         shape = [-1 if d == self._out_dim else 1 for d in range(self.v.dim())]
         return self.direction() * self.g.view(shape)
 
-    def _linear_part(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's map with `weight` and no bias (the cached sampler calls it on single rows)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._initializing:
             return self._init_from(x)
-        return self._linear_part(x, self.weight()) + self.b.view(1, -1, 1, 1)
+        return self.linear(x, self.weight()) + self.b.view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> torch.Tensor:
         # Choose g and b so that this batch's outputs have mean 0 and std init_scale per channel.
-        out = self._linear_part(x, self.direction())
+        out = self.linear(x, self.direction())
         mean = out.mean(dim=(0, 2, 3))
         scale = self.init_scale / torch.sqrt(out.var(dim=(0, 2, 3), unbiased=False) + 1e-10)
         self.g.copy_(scale)
@@ -88,7 +89,7 @@ class Nin(_WeightNormed):
     def __init__(self, in_channels: int, out_channels: int, init_scale: float = 1.0):
         super().__init__((out_channels, in_channels, 1, 1), init_scale)
 
-    def _linear_part(self, x, weight):
+    def linear(self, x, weight):
         return F.conv2d(x, weight)
 
 
@@ -108,7 +109,7 @@ class ShiftedConv2d(_WeightNormed):
             raise ValueError(f"shift must be 'down' or 'down_right', got {shift!r}")
         self.kernel_size, self.shift, self.stride = kernel_size, shift, stride
 
-    def _linear_part(self, x, weight):
+    def linear(self, x, weight):
         return F.conv2d(F.pad(x, self.padding), weight, stride=self.stride)
 
 
@@ -125,7 +126,7 @@ class ShiftedConvTranspose2d(_WeightNormed):
             raise ValueError(f"shift must be 'down' or 'down_right', got {shift!r}")
         self.kernel_size, self.shift = kernel_size, shift
 
-    def _linear_part(self, x, weight):
+    def linear(self, x, weight):
         kh, kw = self.kernel_size
         out = F.conv_transpose2d(x, weight, stride=2, output_padding=1)
         height, width = 2 * x.shape[2], 2 * x.shape[3]
