@@ -56,8 +56,10 @@ class _ConvCache:
         self.rows = self.weight.new_zeros(batch, kh, left + width + right, in_channels)
         self.left, self.width, self.stride = left, width, layer.stride
         # The newest row's share of the filter, ordered like a flattened window (kw, Cin).
-        self.newest_weight = self.weight[:, :, -1].permute(2, 1, 0).reshape(self.kw * in_channels, out_channels)
-        self.from_older = None  # (B, Wout, Cout), set by start_pixels
+        self.newest_weight = self.weight[:, :, -1].permute(2, 1, 0).reshape(self.kw * in_channels, out_channels).contiguous()
+        out_width = (left + width + right - self.kw) // self.stride + 1
+        # (B, Wout, Cout), refilled in place by start_pixels: a fixed buffer, which captured steps may read
+        self.from_older = self.weight.new_zeros(batch, out_width, out_channels)
 
     def new_row(self) -> None:
         if self.rows.shape[1] > 1:  # kernels are at most 2 rows high
@@ -82,8 +84,7 @@ class _ConvCache:
             term = term + self._conv_rows(self.rows[:, :-1], self.weight[:, :, :-1])
         if extra is not None:
             term = term + extra
-        out_width = (self.rows.shape[2] - self.kw) // self.stride + 1
-        self.from_older = term.expand(-1, out_width, -1).contiguous()
+        self.from_older.copy_(term.expand_as(self.from_older))
 
     def conv(self, col: int | None = None) -> torch.Tensor:
         """The output row (B, Wout, Cout), or the output at column `col` (B, Cout)."""
@@ -228,7 +229,7 @@ class CachedNetwork:
     def state_tensors(self, include_nonlocal: bool = True) -> list[torch.Tensor]:
         """Every tensor the cache keeps between steps (what its memory is made of)."""
         tensors = [self.u_init.rows, self.ul_init_above.rows] + [c.rows for caches in self.caches_of_level for c in caches]
-        tensors += [c.from_older for caches in self.caches_of_level for c in caches if c.from_older is not None]
+        tensors += [c.from_older for caches in self.caches_of_level for c in caches]
         tensors += self.u_from_below + self.ul_from_below
         if include_nonlocal and self.nonlocal_block is not None:
             tensors += [self.nonlocal_block.keys, self.nonlocal_block.values]
@@ -323,9 +324,15 @@ class CachedNetwork:
 
 
 def sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
-                on_params: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
+                on_params: Callable[[int, int, torch.Tensor], None] | None = None,
+                backend: str = "torch") -> Iterator[int]:
     """Fill x (B, C, H, W) in place, pixel by pixel, through the cache; yield after each row.
-    Same noise, same order, same mixture sampler as the naive sampler."""
+    Same noise, same order, same mixture sampler as the naive sampler. `backend` (see
+    fastpixel.backend) picks who runs the per-pixel steps."""
+    if backend == "triton":
+        from .fused_step import fused_sample_rows
+        yield from fused_sample_rows(model, x, noise, labels, on_params)
+        return
     net = CachedNetwork(model, x.shape[0], labels)
     channels, height, width = x.shape[1:]
     for r in range(height):

@@ -1,42 +1,56 @@
 """`python -m fastpixel.sample`: draw images from a saved model into a PNG grid.
 
     python -m fastpixel.sample --fast --checkpoint run/model.safetensors -n 16 --seed 0
+    torchrun --standalone --nproc_per_node 4 -m fastpixel.sample --fast -n 1024 --npy grid.npy
 
-Bad input (a missing or corrupt checkpoint, a label out of range, n <= 0, an output path
-that cannot be written) ends with a one-line error and exit code 2, before any sampling
-and without leaving a partial file.
+Under `torchrun` each process draws a contiguous share of the image indices; since image i
+depends only on (seed, i), rank 0 gathers the shares into the very images one process
+would draw, and alone writes and prints. Bad input (a missing or corrupt checkpoint, a
+label out of range, n <= 0, an output path that cannot be written, a backend that cannot
+run) ends with a one-line error and exit code 2 on every rank, before any sampling and
+without leaving a partial file.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import sampling
+from .backend import NAMES
 from .checkpoint import load, write_atomically
 from .grid import save_grid
+from .model import PixelCNNpp
 from .usage import UsageError, report
+
+PROGRAM = "python -m fastpixel.sample"
+_T = TypeVar("_T")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fastpixel.sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="use the cached sampler (same images as without, much faster)")
     parser.add_argument("--checkpoint", default="mnist",
                         help="a bundled model's name (default: mnist), a file written by fastpixel.save, or a training save_dir")
     parser.add_argument("-n", "--num-samples", type=int, default=16, help="how many images (default 16)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: all at once)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch and process (default: all at once)")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
     parser.add_argument("--label", type=int, default=None,
                         help="class of every image, for class-conditional models (default: cycle through the classes)")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     parser.add_argument("--npy", default=None, help="also save the raw uint8 array (N, C, H, W) here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--backend", choices=["auto", *NAMES], default="auto",
+                        help="who runs the cached sampler's steps (default auto: $FASTPIXEL_BACKEND, else the fastest here)")
     return parser.parse_args(argv)
 
 
@@ -52,25 +66,25 @@ def check_writable(path: Path) -> None:
         raise UsageError(f"cannot write {path}: {err.strerror}") from None
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def run(args: argparse.Namespace) -> str:
+def prepare(args: argparse.Namespace, device: torch.device, writer: bool) -> tuple[PixelCNNpp, str]:
+    """Check everything a draw needs and load the model; return it and the backend that will run."""
     if args.num_samples <= 0:
         raise UsageError(f"-n/--num-samples must be positive, got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
-    outputs = [Path(args.out)] + ([Path(args.npy)] if args.npy else [])
-    for path in outputs:
-        check_writable(path)
-    device = pick_device(args.device)
+    if writer:
+        for path in [Path(args.out)] + ([Path(args.npy)] if args.npy else []):
+            check_writable(path)
     try:
         model = load(args.checkpoint, device=device)
     except (OSError, ValueError) as err:
@@ -80,17 +94,56 @@ def run(args: argparse.Namespace) -> str:
         raise UsageError("--label was given, but this model is not class-conditional")
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
+    try:
+        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args))
+    except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
+        raise UsageError(str(err)) from None
+    return model, backend
 
+
+def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: int = 1) -> str | None:
+    """Draw this rank's share of the images; on rank 0, gather all, write them and return the summary."""
+    model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0))
+    n = args.num_samples
+    # Rounding the bounds up gives rank 0, whose progress bar is shown, the largest share.
+    first, stop = -(-rank * n // world), -(-(rank + 1) * n // world)
     start = time.perf_counter()
-    images = sampling.sample(model, args.num_samples, fast=args.fast, seed=args.seed, labels=args.label,
-                             progress=True, batch_size=args.batch_size)
+    images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=args.label,
+                             progress=rank == 0, batch_size=args.batch_size, backend=_requested_backend(args),
+                             first=first)
+    if world > 1:
+        shares = [None] * world if rank == 0 else None
+        dist.gather_object(images, shares, dst=0)
+        if rank != 0:
+            return None
+        images = torch.cat(shares)
     seconds = time.perf_counter() - start
     save_grid(images, args.out)
     if args.npy:
         write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
-    kind = "cached" if args.fast else "naive"
-    return (f"wrote {args.out}: {args.num_samples} images in {seconds:.2f} s "
-            f"({args.num_samples / seconds:.2f} images/s, {kind} sampling on {device})")
+    processes = f", {world} processes" if world > 1 else ""
+    return (f"wrote {args.out}: {n} images in {seconds:.2f} s "
+            f"({n / seconds:.2f} images/s; {sampling.describe(args.fast, backend, device)}{processes})")
+
+
+def _requested_backend(args: argparse.Namespace) -> str | None:
+    return None if args.backend == "auto" else args.backend
+
+
+def _on_every_rank(world: int, check: Callable[[], _T]) -> _T:
+    """Run `check` on every rank and fail on all of them if it fails on any (with the lowest
+    failing rank's message), so that no rank waits forever for one that gave up."""
+    try:
+        result, error = check(), None
+    except UsageError as err:
+        result, error = None, str(err)
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UsageError(error)
+    return result
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -100,13 +153,27 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # As torchrun sets them; one process without it, on the same code path.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        print(run(args))
+        device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            summary = run(args, device, rank, world)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except UsageError as err:
-        return report("python -m fastpixel.sample", err)
+        return report(PROGRAM, err) if rank == 0 else 2
     except KeyboardInterrupt:
-        print("python -m fastpixel.sample: interrupted; nothing was written", file=sys.stderr)
+        if rank == 0:
+            print(f"{PROGRAM}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if summary is not None:
+        print(summary)
     return 0
 
 

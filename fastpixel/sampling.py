@@ -2,12 +2,14 @@
 per pixel, the reference the cached sampler must reproduce) and bits per dimension.
 
 The noise contract: image i's uniforms are drawn up front from its own CPU generator
-seeded from (seed, i), so image i is the same whatever n, the batch size, or the sampler.
+seeded from (seed, i), so image i is the same whatever n, the batch size, the sampler, or
+the process that draws it (`first` lets each of several processes draw its own slice).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache, mixture
+from .backend import choose
 from .model import PixelCNNpp, check_labels
 
 
@@ -29,13 +32,17 @@ def image_noise(config, seed: int, index: int) -> torch.Tensor:
 
 def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
-           batch_size: int | None = None) -> torch.Tensor:
+           batch_size: int | None = None, backend: str | None = None, first: int = 0) -> torch.Tensor:
     """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype.
 
     fast=True uses the incremental activation cache; with the same seed it returns the
     same images as the naive sampler (bit for bit in float64; in lower precision the two
-    compute the same parameters to rounding, so a draw that lands on a bin edge may differ). Class-conditional models take one label per image
-    (default: cycle through the classes). seed=None draws a fresh seed.
+    compute the same parameters to rounding, so a draw that lands on a bin edge may differ).
+    Class-conditional models take one label per image (default: cycle through the classes
+    by image index). seed=None draws a fresh seed. `backend` ("torch", "triton", "cext";
+    None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    fastpixel.backend. `first` > 0 draws images first .. first+n-1 of the seed's sequence,
+    so processes that split the indices together return one draw's images.
     """
     if not isinstance(model, PixelCNNpp):
         raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
@@ -50,23 +57,48 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
         seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    labels = _labels_for(config, n, labels)
-
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"first must be a non-negative int, got {first!r}")
+    labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
+    name = resolve_backend(param.device, fast, backend)
+    if progress:
+        print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
+
     images = torch.empty((n, config.channels, *config.shape), dtype=torch.uint8)
     height = config.shape[0]
     with _eval_mode(model), torch.no_grad(), tqdm(total=-(-n // batch_size) * height, unit="row",
                                                    disable=not progress, desc="sampling") as bar:
         for start in range(0, n, batch_size):
-            index = range(start, min(start + batch_size, n))
-            noise = torch.stack([image_noise(config, seed, i) for i in index]).to(param.device)
-            batch_labels = None if labels is None else labels[start:index.stop].to(param.device)
-            x = torch.zeros((len(index), config.channels, *config.shape), dtype=param.dtype, device=param.device)
-            fill = cache.sample_rows if fast else _naive_rows
-            for _ in fill(model, x, noise, batch_labels):
+            stop = min(start + batch_size, n)
+            noise = torch.stack([image_noise(config, seed, first + i) for i in range(start, stop)]).to(param.device)
+            batch_labels = None if labels is None else labels[start:stop].to(param.device)
+            x = torch.zeros((stop - start, config.channels, *config.shape), dtype=param.dtype, device=param.device)
+            rows = (cache.sample_rows(model, x, noise, batch_labels, backend=name) if fast
+                    else _naive_rows(model, x, noise, batch_labels))
+            for _ in rows:
                 bar.update(1)
-            images[start:index.stop] = to_uint8(x).cpu()
+            images[start:stop] = to_uint8(x).cpu()
     return images
+
+
+def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None) -> str:
+    """The backend that sample(fast=fast, backend=requested) runs on `device`. Raises a
+    ValueError (a fastpixel.backend.BackendError when it cannot run here) before any work."""
+    name = choose(device, requested)  # also checks a backend forced by $FASTPIXEL_BACKEND
+    if fast:
+        return name
+    if requested not in (None, "torch"):
+        raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
+                         "the naive sampler runs plain PyTorch layers")
+    return "torch"
+
+
+def describe(fast: bool, backend: str, device: torch.device | str) -> str:
+    """Which sampler and backend a draw runs, in words (the progress line, the CLI's summary)."""
+    if fast:
+        return f"cached sampling, {backend} backend, on {device}"
+    return f"naive sampling (a full forward pass per pixel), {backend}, on {device}"
 
 
 def _naive_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
@@ -89,9 +121,9 @@ def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return images.to(dtype) / 127.5 - 1
 
 
-def _labels_for(config, n: int, labels) -> torch.Tensor | None:
-    if labels is None:
-        return None if config.num_classes is None else torch.arange(n) % config.num_classes
+def _labels_for(config, n: int, labels, first: int) -> torch.Tensor | None:
+    if labels is None:  # by global image index, so a process's slice gets the labels of a one-process draw
+        return None if config.num_classes is None else torch.arange(first, first + n) % config.num_classes
     labels = torch.as_tensor(labels)
     if labels.dim() == 0:
         labels = labels.expand(n)

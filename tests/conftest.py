@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It is chosen when
+# a kernel module is first imported, so it is set here, before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastpixel
 
@@ -27,3 +34,6 @@ def tiny_model(dtype=torch.float64, **overrides) -> fastpixel.PixelCNNpp:
 def random_images(model: fastpixel.PixelCNNpp, n: int) -> torch.Tensor:
     cfg = model.config
     return torch.randint(0, 256, (n, cfg.channels, *cfg.shape), dtype=torch.uint8)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where kernel tests put their tensors

@@ -39,3 +39,28 @@ def test_training_with_bf16_autocast_resumes_on_cuda(tmp_path):
     assert train.main(args + ["--max_steps", "2"]) == 0
     assert train.main(args + ["--max_steps", "4", "--resume"]) == 0
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("options", [dict(channels=3, num_classes=3, coordconv=True, nonlocal_block=True),
+                                     dict(channels=1, nr_resnet=2, resnet_nonlinearity="elu")])
+def test_triton_backend_with_cuda_graphs_matches_torch_backend_float64(options):
+    import warnings
+
+    from tests.test_fused_step import cached_run
+
+    model = tiny_model(image_size=(8, 12), **options).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed graph capture warns: make it fail the test
+        x_triton, params_triton = cached_run(model, 3, 4, "triton")
+    x_torch, params_torch = cached_run(model, 3, 4, "torch")
+    assert (params_triton - params_torch).abs().max() <= 1e-10
+    assert torch.equal(x_triton, x_torch)
+
+
+def test_triton_backend_on_the_bundled_model_float32_differs_from_torch_at_a_handful_of_bin_edges():
+    model = fastpixel.load("mnist", device="cuda")
+    triton_images = fastpixel.sample(model, 16, fast=True, seed=0, backend="triton")
+    torch_images = fastpixel.sample(model, 16, fast=True, seed=0, backend="torch")
+    differ = triton_images != torch_images
+    # After a differing draw the rest of that image follows another path, so count images.
+    assert differ.flatten(1).any(dim=1).sum() <= 2

@@ -1,4 +1,5 @@
 """`python -m fastpixel.sample`, run as a user runs it."""
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,15 @@ import fastpixel
 from tests.conftest import tiny_model
 
 
-def run_cli(*args, cwd):
+def run_cli(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "fastpixel.sample", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+
+
+def environment(**changes):
+    """This process's environment without a forced backend or Triton's CPU interpreter, plus `changes`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTPIXEL_BACKEND", "TRITON_INTERPRET")}
+    return dict(env, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +31,12 @@ def checkpoint(tmp_path_factory):
 
 
 def test_fast_sampling_writes_grid_and_array_equal_to_naive(checkpoint, tmp_path):
-    fast = run_cli("--fast", "--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", cwd=tmp_path)
+    fast = run_cli("--fast", "--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", "--backend", "torch",
+                   cwd=tmp_path)
     assert fast.returncode == 0, fast.stderr
     assert "wrote samples.png: 5 images in" in fast.stdout and "images/s" in fast.stdout
+    assert "cached sampling, torch backend, on cpu" in fast.stdout
+    assert fast.stderr.count("fastpixel: cached sampling, torch backend, on cpu\n") == 1
     assert "row" in fast.stderr  # the progress bar
     naive = run_cli("--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--out", "naive.png", "--npy", "naive.npy",
                     "--batch-size", 2, cwd=tmp_path)
@@ -57,12 +67,29 @@ def test_label_draws_that_class(checkpoint, tmp_path):
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, args, message):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 50)
-    before = set(tmp_path.iterdir())
-    out = run_cli(*[a.format(ckpt=checkpoint) for a in args], cwd=tmp_path)
+    assert_refused([a.format(ckpt=checkpoint) for a in args], message, tmp_path)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--fast", "--backend", "cext"], {}, "backend 'cext' cannot run here: the C++ extension fastpixel._C is not built"),
+    (["--fast"], {"FASTPIXEL_BACKEND": "cext"}, "FASTPIXEL_BACKEND=cext cannot run here"),
+    (["--fast"], {"FASTPIXEL_BACKEND": "bogus"}, "unknown backend 'bogus'"),
+    pytest.param(["--fast", "--backend", "triton"], {}, "Triton kernels need CUDA tensors",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs here")),
+    (["--backend", "triton"], {"TRITON_INTERPRET": "1"}, "applies to the cached sampler only"),
+])
+def test_backend_that_cannot_run_is_one_line_exit_2_before_sampling(checkpoint, tmp_path, args, env, message):
+    assert_refused(["--checkpoint", checkpoint, *args], message, tmp_path, env=environment(**env))
+
+
+def assert_refused(args, message, cwd, env=None):
+    """The CLI ends with one line naming `message`, exit code 2, and no file written."""
+    before = set(cwd.iterdir())
+    out = run_cli(*args, cwd=cwd, env=env)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr
     assert "Traceback" not in out.stderr
-    assert set(tmp_path.iterdir()) == before
+    assert set(cwd.iterdir()) == before
 
 
 def test_importing_the_cli_module_keeps_fastpixel_sample_callable():

@@ -5,6 +5,7 @@ import torch
 
 import fastpixel
 from fastpixel import mixture
+from fastpixel.backend import BackendError
 from fastpixel.sampling import image_noise, to_model_input
 from tests.conftest import random_images, tiny_model
 
@@ -29,6 +30,15 @@ def test_image_i_does_not_depend_on_n_or_batch_size():
     full = fastpixel.sample(model, 5, seed=3, batch_size=2)
     assert torch.equal(fastpixel.sample(model, 3, seed=3), full[:3])
     assert not torch.equal(fastpixel.sample(model, 3, seed=4), full[:3])
+
+
+def test_first_draws_a_slice_of_the_one_process_images_and_labels():
+    """What each torchrun rank draws: images first.. of the seed's sequence, labels cycling by global index."""
+    model = tiny_model(dtype=torch.float32, num_classes=3)
+    full = fastpixel.sample(model, 7, fast=True, seed=2)
+    assert torch.equal(fastpixel.sample(model, 3, fast=True, seed=2, first=4), full[4:])
+    assert torch.equal(fastpixel.sample(model, 2, seed=2, first=1, labels=[1, 2]), full[1:3])
+    assert fastpixel.sample(model, 0, fast=True, seed=2, first=7).shape == (0, 1, 8, 12)
 
 
 def test_conditional_sampling_cycles_classes_by_default():
@@ -60,7 +70,35 @@ def test_sample_rejects_bad_arguments():
         fastpixel.sample(model, 2, seed=-5)
     with pytest.raises(ValueError, match="batch_size"):
         fastpixel.sample(model, 2, batch_size=0)
+    with pytest.raises(ValueError, match="first must be a non-negative int"):
+        fastpixel.sample(model, 2, first=-1)
     assert fastpixel.sample(model, 0).shape == (0, 1, 8, 12)
+
+
+def test_forced_backend_that_cannot_run_fails_before_sampling(monkeypatch):
+    model = tiny_model(dtype=torch.float32)
+    with pytest.raises(BackendError, match="backend 'cext' cannot run here"):
+        fastpixel.sample(model, 2, fast=True, backend="cext")
+    with pytest.raises(BackendError, match="unknown backend 'bogus'"):
+        fastpixel.sample(model, 2, fast=True, backend="bogus")
+    monkeypatch.setenv("FASTPIXEL_BACKEND", "cext")
+    with pytest.raises(BackendError, match="FASTPIXEL_BACKEND=cext cannot run here"):
+        fastpixel.sample(model, 2, fast=True)
+    monkeypatch.delenv("FASTPIXEL_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that triton could run, and only the naive sampler refuses it
+    with pytest.raises(ValueError, match="applies to the cached sampler only"):
+        fastpixel.sample(model, 2, backend="triton")
+
+
+@pytest.mark.parametrize("fast, line", [
+    (True, "fastpixel: cached sampling, torch backend, on cpu"),
+    (False, "fastpixel: naive sampling (a full forward pass per pixel), torch, on cpu"),
+])
+def test_progress_names_the_sampler_and_backend_once(capsys, fast, line):
+    fastpixel.sample(tiny_model(dtype=torch.float32), 3, fast=fast, progress=True, batch_size=2, backend="torch")
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(line + "\n") and stderr.count("fastpixel:") == 1
+    assert "row" in stderr  # the bar follows
 
 
 def test_bits_per_dim_is_mean_nll_in_bits():

@@ -1,0 +1,252 @@
+"""The cached sampler's pixel step as fused Triton launches, replayed through CUDA graphs.
+
+`CachedNetwork` (cache.py) stays the one cache: its buffers, its per-row work (the `u`
+stream and the folded per-row terms, a few large cuDNN calls per row) and its layout.
+What this file replaces is its per-pixel `step` + `commit`, a few hundred small PyTorch
+operators per pixel, by a fixed list of launches over the same buffers:
+
+- per `ul` gated residual block, two `ColumnConv` launches: the input convolution with
+  the nonlinearity prologue, the skip input and the write into the cache; then the output
+  convolution with the gate and residual epilogue;
+- the input, downsampling, upsampling and output layers, one launch each; column moves
+  between buffers (`ColumnCopy`); one fused launch draws the pixel from the mixture.
+
+No launch takes the pixel's position as a Python number: each reads the flat index p from
+one device tensor, which the step's last operation advances. Which resolutions are due at
+a pixel depends only on (row mod 4, column mod 4), so there are three step patterns
+(full resolution only; full and half; all three). On CUDA each is captured once into a
+CUDA graph and a pixel costs one replay; where capture fails the launches run one by
+one, after a one-line notice. On CPU tensors (Triton's interpreter) they always run one
+by one: the same code, which is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .cache import CachedNetwork
+from .kernels.column_conv import ColumnConv
+from .kernels.column_copy import Column, ColumnCopy
+from .kernels.mixture_sample import sample_pixel
+from .model import LEVELS, PixelCNNpp
+
+Launch = Callable[[], None]
+
+
+class FusedSteps:
+    """The pixel steps of one batch: `start_row(r)`, then `step()` for each pixel in raster
+    order, which leaves the mixture parameters in `params` and the pixel in the image."""
+
+    def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
+        cfg = model.config
+        self.net = net
+        batch, channels, height, width = x.shape
+        nf = cfg.nr_filters
+        nl = cfg.resnet_nonlinearity
+        widths = [width >> level for level in range(LEVELS)]
+        self.position = torch.zeros(1, dtype=torch.int32, device=x.device)
+        pos = self.position
+
+        def buffer(*shape):
+            return x.new_zeros(batch, *shape)
+
+        # the ul stream's share of the row above plus the left input's older rows, at each column
+        self.left_term = buffer(width, nf)
+        self.params = buffer(cfg.num_params_out)
+        scratch = buffer(nf)  # a block's input-convolution output, read by its output convolution
+
+        def block(b, x_in, out, level, skip=None) -> list[Launch]:
+            conv_in = ColumnConv(pos, b.conv_in.rows[:, -1], b.conv_in.newest_weight, b.conv_in.from_older, scratch,
+                                 width=width, kw=b.conv_in.kw, level=level, x=x_in, nonlinearity=nl, store=True, skip=skip)
+            conv_out = ColumnConv(pos, b.conv_out.rows[:, -1], b.conv_out.newest_weight, b.conv_out.from_older, out,
+                                  width=width, kw=b.conv_out.kw, level=level, x=scratch, nonlinearity=nl, store=True,
+                                  residual=x_in)
+            return [conv_in, conv_out]
+
+        # Up pass: level L's input, then one output per block; all kept for the down pass's skips.
+        self.up_launches: list[list[Launch]] = []
+        ups: list[list[torch.Tensor]] = []
+        for level in range(LEVELS):
+            acts = [buffer(nf) for _ in range(len(net.up_ul[level]) + 1)]
+            if level == 0:  # ul = left_term[c] + the committed pixel left of c through ul_init_left
+                first = net.ul_init_left
+                launches = [ColumnConv(pos, first.rows[:, -1], first.newest_weight, self.left_term, acts[0],
+                                       width=width, kw=1, col_shift=-1)]
+            else:
+                ds = net.downsample_ul[level - 1]
+                launches = [ColumnConv(pos, ds.rows[:, -1], ds.newest_weight, ds.from_older, acts[0],
+                                       width=width, kw=ds.kw, stride=2, level=level)]
+            for b, x_in, out in zip(net.up_ul[level], acts, acts[1:]):
+                launches += block(b, x_in, out, level)
+            if level < LEVELS - 1:  # into the downsampling cache, whose left padding is one column
+                ds = net.downsample_ul[level]
+                launches.append(ColumnCopy(pos, acts[-1][:, None], ds.rows[:, -1], nf, width=width,
+                                           dst_at=Column(level=level, scale=1, offset=ds.left)))
+            self.up_launches.append(launches)
+            ups.append(acts)
+
+        # Down pass, coarsest first. Level L's input comes from the up pass (coarsest) or from
+        # the 2x2 block the level below wrote into ul_from_below[L] (row parity, column).
+        self.down_launches: list[list[Launch]] = [[] for _ in range(LEVELS)]
+        self.nonlocal_block = None
+        for level in reversed(range(LEVELS)):
+            launches = self.down_launches[level]
+            if level == LEVELS - 1:
+                x_in = ups[level].pop()
+                if net.nonlocal_block is not None:
+                    self.nonlocal_block = _GraphableNonLocal(net.nonlocal_block, pos, x_in, width, level)
+                    launches.append(self.nonlocal_block)
+                    x_in = self.nonlocal_block.out
+            else:
+                x_in = buffer(nf)
+                below = net.ul_from_below[level].flatten(1, 2)  # (B, 2 * W_L, nf): row parity, then column
+                launches.append(
+                    ColumnCopy(pos, below, x_in[:, None], nf, width=width,
+                               src_at=Column(level=level, scale=1, row_mask=1, row_columns=widths[level])))
+            for b, (_, ul_half), skip_in in zip(net.down_ul[level], net.down_ul_skip[level], reversed(ups[level])):
+                out = buffer(nf)
+                launches += block(b, x_in, out, level, skip=(skip_in, ul_half.weight.t().contiguous(), nl))
+                x_in = out
+            if level > 0:  # the 2x2 block of level L - 1 this position produces, one row of it at a time
+                weight, bias = net.upsample_ul[level - 1]
+                square = buffer(4 * nf)
+                launches.append(ColumnConv(pos, None, weight.contiguous(), bias.repeat(4), square, width=width, kw=1,
+                                           x=x_in))
+                rows = net.ul_from_below[level - 1].flatten(1, 2)
+                for half in range(2):
+                    launches.append(ColumnCopy(pos, square[:, None, 2 * nf * half:], rows, 2 * nf, width=width,
+                                               dst_at=Column(level=level, scale=2, offset=half * widths[level - 1])))
+            else:
+                launches.append(ColumnConv(pos, None, net.out.weight.t().contiguous(), net.out.bias, self.params,
+                                           width=width, kw=1, x=x_in, nonlinearity="elu"))
+
+        # Draw the pixel, then hand it with the constant input channels to the three input layers.
+        features = buffer(net.constant_features.shape[-1] + channels)
+        pixel = buffer(channels)
+        noise_flat, image_flat = noise.flatten(2), x.flatten(2)
+        constants = net.constant_features.flatten(0, 1).contiguous()[None]  # (1, H * W, n): read at p
+        self.finish_launches: list[Launch] = [
+            lambda: sample_pixel(self.params, noise_flat, pos, channels, pixel, image_flat),
+            ColumnCopy(pos, pixel[:, None], features[:, None], channels, width=width),
+            ColumnCopy(pos, constants, features[:, None, channels:], constants.shape[-1], width=width,
+                       src_at=Column(scale=1, row_mask=-1, row_columns=width)),
+        ]
+        for layer in (net.u_init, net.ul_init_above, net.ul_init_left):
+            self.finish_launches.append(ColumnCopy(pos, features[:, None], layer.rows[:, -1], features.shape[1],
+                                                   width=width, dst_at=Column(scale=1, offset=layer.left)))
+        self.finish_launches.append(lambda: self.position.add_(1))
+        self._graphs = _GraphCache(enabled=x.is_cuda)
+
+    def start_row(self, r: int) -> None:
+        """The per-row work (CachedNetwork.start_row), then the fused input layer's per-row
+        term. Row 0 is special; after it the work depends only on r mod 4 (which levels are
+        due, and so which rows of the coarser levels' buffers are read)."""
+        def work():
+            self.net.start_row(r)
+            self.left_term.copy_(self.net.ul_above)
+            self.left_term[:, 1:] += self.net.ul_init_left.from_older[:, :-1]  # column c reads column c - 1
+
+        self._graphs.run(("row", r == 0, _due_levels(r)), work)
+
+    def step(self, r: int, c: int) -> None:
+        """Pixel (r, c); the device position must already point at it (it does, in raster order)."""
+        due = min(_due_levels(r), _due_levels(c))
+        self._graphs.run(("step", due), lambda: self._run(due))
+
+    def _run(self, due: int) -> None:
+        """Every launch of a step at which the `due` finest levels are computed."""
+        for level in range(due):
+            for launch in self.up_launches[level]:
+                launch()
+        for level in reversed(range(due)):
+            for launch in self.down_launches[level]:
+                launch()
+        for launch in self.finish_launches:
+            launch()
+
+
+def _due_levels(index: int) -> int:
+    """How many of the finest levels have a position at this row (or column) index."""
+    return next(due for due in range(LEVELS, 0, -1) if index % (1 << (due - 1)) == 0)
+
+
+class _GraphCache:
+    """Runs work for a key eagerly the first time (which compiles its kernels), captures it
+    then into a CUDA graph, and afterwards replays the graph. Capturing records without
+    running, so the state stays that of the eager run. Where capture fails, the work runs
+    eagerly from then on, after a one-line warning."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs: dict[object, torch.cuda.CUDAGraph | None] = {}
+
+    def run(self, key: object, work: Callable[[], None]) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        work()
+        if self.enabled and key not in self.graphs:
+            self.graphs[key] = self._capture(work)
+
+    @staticmethod
+    def _capture(work: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                work()
+        except Exception as err:  # noqa: BLE001 -- whatever capture rejects, plain launches still work
+            warnings.warn(f"fastpixel: CUDA graph capture failed ({type(err).__name__}: {err}); the fused steps "
+                          "run launch by launch", RuntimeWarning, stacklevel=2)
+            torch.cuda.synchronize()
+            return None
+        return graph
+
+
+class _GraphableNonLocal:
+    """The cached causal non-local block at a position held in a device tensor: the key and
+    value are written into the cache at that position, and the positions not yet reached
+    are masked by an additive bias of -inf, so every shape stays fixed."""
+
+    def __init__(self, block, position: torch.Tensor, x: torch.Tensor, width: int, level: int):
+        self.block, self.x = block, x
+        self.out = torch.empty_like(x)
+        self.key, self.value = torch.empty_like(block.keys[:, 0]), torch.empty_like(block.keys[:, 0])
+        positions = block.keys.shape[1]
+        self.bias = x.new_full((1, positions, 1), float("-inf"))  # (1, positions, 1): a position per column
+        self.zero = x.new_zeros(1, 1, 1)
+        at = Column(level=level, scale=1, row_mask=-1, row_columns=width >> level)
+        inner = self.key.shape[1]
+        self.writes = [ColumnCopy(position, self.key[:, None], block.keys, inner, width=width, dst_at=at),
+                       ColumnCopy(position, self.value[:, None], block.values, inner, width=width, dst_at=at),
+                       ColumnCopy(position, self.zero, self.bias, 1, width=width, dst_at=at)]
+
+    def __call__(self) -> None:
+        b = self.block
+        torch.addmm(b.key.bias, self.x, b.key.weight.t(), out=self.key)
+        torch.addmm(b.value.bias, self.x, b.value.weight.t(), out=self.value)
+        for write in self.writes:
+            write()
+        scores = torch.bmm(b.query(self.x)[:, None], b.keys.transpose(1, 2)) * b.scale + self.bias.transpose(1, 2)
+        y = torch.bmm(scores.softmax(dim=-1), b.values)[:, 0]
+        torch.add(self.x, b.out(y), out=self.out)
+
+
+def fused_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
+                      on_params: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
+    """cache.sample_rows with the Triton backend: same noise, same order, same images."""
+    if not x.is_contiguous():
+        raise ValueError("the image being filled must be contiguous")
+    net = CachedNetwork(model, x.shape[0], labels)
+    steps = FusedSteps(model, net, x, noise.contiguous())
+    height, width = x.shape[2:]
+    for r in range(height):
+        steps.start_row(r)
+        for c in range(width):
+            steps.step(r, c)
+            if on_params is not None:
+                on_params(r, c, steps.params)
+        yield r

@@ -1,0 +1,268 @@
+"""One pixel drawn from the discretised logistic mixture, for a whole batch, in one launch.
+
+At every step the cached sampler turns the pixel's mixture parameters into a pixel:
+`fastpixel.mixture.sample` does it in about forty small PyTorch operations (unpack, clamp,
+tanh, two logarithms per uniform, argmax, gathers, and per channel a coupled mean, a draw
+and a snap to the grid), each a kernel launch on a GPU, so at one pixel per step they cost
+more than the arithmetic. Here the same draw is one launch: a program per block of batch
+rows holds all K components and C channels in registers.
+
+The draw is the library's (`reference`, below, is `fastpixel.mixture.sample` itself): the
+same uniforms, clamped and transformed in float64; the component by Gumbel-max with ties
+to the first index; each channel's coupled mean, evaluated in the same order of operations,
+plus scale times the logistic draw, snapped with round-half-to-even. The pixel index is
+read from a device tensor, so a captured CUDA graph replays the same launch at every pixel.
+
+Exactness: Triton has no tanh or log1p that its interpreter can run, so the kernel builds
+them from exp and log (Kahan's expm1 and Goldberg's log1p, a few ulps in float64), and
+takes float32's exp and tanh in float64 before rounding. A draw is snapped to a 256-level
+grid, so a difference of a few ulps changes a sub-pixel only when its pre-snap value lies
+that close to a bin edge: never seen in float64 (about 1e-13 of sub-pixels), rare in
+float32, where PyTorch's own float32 exp and tanh are not always correctly rounded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import mixture
+
+_FLOAT_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INDEX_TYPES = {torch.int32: "i32", torch.int64: "i64"}
+_TINY = tl.constexpr(torch.finfo(torch.float64).tiny)
+_BELOW_ONE = tl.constexpr(1.0 - 2.0 ** -53)  # used through tl.full(float64): typed float32, it would be 1
+
+
+# --------------------------------------------------------------------------- reference
+def reference(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Tensor:
+    """What the kernel computes: `fastpixel.mixture.sample` on one pixel per row.
+    params (B, P), noise (B, K + C) -> (B, C) in the compute dtype."""
+    return mixture.sample(params[:, :, None, None], noise=noise[:, :, None, None], channels=channels)[:, :, 0, 0]
+
+
+# --------------------------------------------------------------------------- kernel
+@triton.jit
+def _log1p_neg(u):
+    """log(1 - u) in float64 to a few ulps (Goldberg): 1 - u rounds, but log(w) / (w - 1)
+    is accurate at the rounded w, and -u / (w - 1) corrects for the rounding."""
+    w = 1.0 - u
+    exact = w == 1.0  # u under half an ulp of 1: log(1 - u) = -u to rounding
+    return tl.where(exact, -u, tl.log(w) * (-u / tl.where(exact, -1.0, w - 1.0)))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float64 to a few ulps, as -expm1(-2|x|) / (2 + expm1(-2|x|)) with Kahan's
+    expm1(y) = (e^y - 1) * y / log(e^y), which has no cancellation for small |x|."""
+    a = tl.abs(x)
+    a = tl.where(a > 20.0, 20.0, a)  # tanh(20) rounds to 1; where(), unlike minimum(), keeps NaN
+    y = -2.0 * a
+    e = tl.exp(y)
+    small = e == 1.0
+    m = tl.where(small, y, (e - 1.0) * y / tl.where(small, 1.0, tl.log(e)))
+    t = -m / (2.0 + m)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _uniform(noise_ptr, mask):
+    """Load uniforms and clamp them to [tiny, 1 - 2**-53], as the reference does (keeps NaN)."""
+    u = tl.load(noise_ptr, mask=mask, other=0.5)
+    low = tl.full(u.shape, _TINY, tl.float64)
+    high = tl.full(u.shape, _BELOW_ONE, tl.float64)
+    return tl.where(u < low, low, tl.where(u > high, high, u))
+
+
+@triton.jit
+def _snap(y, COMPUTE: tl.constexpr):
+    """torch.round((y + 1) * 127.5).clamp(0, 255) / 127.5 - 1, with round-half-to-even
+    built from floor (portable, and exact: clamping first changes nothing, as 0 and 255 are
+    integers and rounding is monotonic, and keeps floor's remainder exact)."""
+    z = (y + 1.0) * 127.5
+    z = tl.where(z < 0.0, 0.0, tl.where(z > 255.0, 255.0, z))  # where() keeps NaN, as clamp does
+    r = tl.floor(z)
+    d = z - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
+    if COMPUTE == tl.float32:
+        r = tl.div_rn(r, 127.5)  # `/` is an approximate division for float32 on the GPU
+    else:
+        r = r / 127.5
+    return r - 1.0
+
+
+@triton.jit
+def _channel(params_row, noise_row, comp, mask, c, nr_mix, num_pixels,
+             CHANNELS: tl.constexpr, COMPUTE: tl.constexpr):
+    """Channel c of the chosen component: its mean, scale (log-scale clamped at -7) and
+    logistic draw (inverse CDF of its uniform, in float64 like the reference)."""
+    mean = tl.load(params_row + nr_mix * (1 + c) + comp, mask=mask).to(COMPUTE)
+    log_scale = tl.load(params_row + nr_mix * (1 + CHANNELS + c) + comp, mask=mask).to(COMPUTE)
+    log_scale = tl.where(log_scale < -7.0, -7.0, log_scale)
+    scale = tl.exp(log_scale.to(tl.float64)).to(COMPUTE)  # float32: rounded from float64, as exact as it gets
+    u = _uniform(noise_row + (nr_mix + c) * num_pixels, mask)
+    logistic = (tl.log(u) - _log1p_neg(u)).to(COMPUTE)
+    return mean, scale, logistic
+
+
+@triton.jit
+def _coeff(params_row, comp, mask, i, nr_mix, COMPUTE: tl.constexpr):
+    """Coupling coefficient i (alpha, beta, gamma) of the chosen component, through tanh."""
+    raw = tl.load(params_row + nr_mix * (7 + i) + comp, mask=mask).to(COMPUTE)
+    return _tanh(raw.to(tl.float64)).to(COMPUTE)
+
+
+@triton.jit
+def _stored(x, ptr):
+    """x in ptr's element type, rounded to nearest even as PyTorch rounds it. bfloat16 by
+    hand, on the float32 bits (as c10 does), because Triton's interpreter truncates there."""
+    ty = ptr.dtype.element_ty
+    if ty == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)  # now exact in bfloat16
+    return x.to(ty)
+
+
+@triton.jit
+def _store(out_ptr, image_ptr, rows, mask, x, c, num_pixels, p,
+           CHANNELS: tl.constexpr, HAS_IMAGE: tl.constexpr):
+    tl.store(out_ptr + rows * CHANNELS + c, _stored(x, out_ptr), mask=mask)
+    if HAS_IMAGE:
+        tl.store(image_ptr + (rows * CHANNELS + c) * num_pixels + p, _stored(x, image_ptr), mask=mask)
+
+
+@triton.jit
+def _mixture_sample_kernel(
+    # pointers: params (B, P); noise (B, K + C, N) float64; position (1,) int; out (B, C); image (B, C, N)
+    params_ptr, noise_ptr, position_ptr, out_ptr, image_ptr,
+    # sizes: B, K, N (pixels per image); every tensor is contiguous, so these are the strides too
+    batch, nr_mix, num_pixels,
+    # constexprs: C, BLOCK_B rows per program, BLOCK_K >= K (power of two), the compute dtype, image given
+    CHANNELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_IMAGE: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = rows < batch
+    ks = tl.arange(0, BLOCK_K)
+    both_ok = row_ok[:, None] & (ks < nr_mix)[None, :]
+    p = tl.load(position_ptr)
+    params_row = params_ptr + rows * (nr_mix * (1 + 2 * CHANNELS + (3 if CHANNELS == 3 else 0)))
+    noise_row = noise_ptr + rows * ((nr_mix + CHANNELS) * num_pixels) + p
+
+    # Gumbel-max: the first index of the largest logit + gumbel, or of the first NaN, as torch.argmax.
+    logits = tl.load(params_row[:, None] + ks[None, :], mask=both_ok, other=float("-inf")).to(COMPUTE)
+    u = _uniform(noise_row[:, None] + ks[None, :] * num_pixels, both_ok)
+    v = logits + (-tl.log(-tl.log(u))).to(COMPUTE)
+    nan = v != v
+    first_nan = tl.min(tl.where(nan, ks[None, :], BLOCK_K), axis=1)
+    best = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+    first_best = tl.min(tl.where(v == best[:, None], ks[None, :], BLOCK_K), axis=1)
+    comp = tl.where(first_nan < BLOCK_K, first_nan, first_best)
+
+    # Channel by channel, each mean coupled to the snapped earlier channels, in the reference's order.
+    mean, scale, logistic = _channel(params_row, noise_row, comp, row_ok, 0, nr_mix, num_pixels, CHANNELS, COMPUTE)
+    x0 = _snap(mean + scale * logistic, COMPUTE)
+    _store(out_ptr, image_ptr, rows, row_ok, x0, 0, num_pixels, p, CHANNELS, HAS_IMAGE)
+    if CHANNELS == 3:
+        mean, scale, logistic = _channel(params_row, noise_row, comp, row_ok, 1, nr_mix, num_pixels, CHANNELS, COMPUTE)
+        alpha = _coeff(params_row, comp, row_ok, 0, nr_mix, COMPUTE)
+        x1 = _snap((mean + alpha * x0) + scale * logistic, COMPUTE)
+        _store(out_ptr, image_ptr, rows, row_ok, x1, 1, num_pixels, p, CHANNELS, HAS_IMAGE)
+        mean, scale, logistic = _channel(params_row, noise_row, comp, row_ok, 2, nr_mix, num_pixels, CHANNELS, COMPUTE)
+        beta = _coeff(params_row, comp, row_ok, 1, nr_mix, COMPUTE)
+        gamma = _coeff(params_row, comp, row_ok, 2, nr_mix, COMPUTE)
+        x2 = _snap(((mean + beta * x0) + gamma * x1) + scale * logistic, COMPUTE)
+        _store(out_ptr, image_ptr, rows, row_ok, x2, 2, num_pixels, p, CHANNELS, HAS_IMAGE)
+
+
+# --------------------------------------------------------------------------- launcher
+def _config(batch: int, nr_mix: int, channels: int, dtype: torch.dtype, has_image: bool) -> tuple[dict, dict]:
+    """The constexprs and compile options of a launch; the launcher and `aot_specs` share them."""
+    constexprs = dict(CHANNELS=channels, BLOCK_B=min(triton.next_power_of_2(batch), 32),
+                      BLOCK_K=triton.next_power_of_2(nr_mix),
+                      COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32, HAS_IMAGE=has_image)
+    # One warp: a few hundred values per program. No fused multiply-adds: they would round
+    # mean + alpha * x0 and mean + scale * logistic differently from PyTorch's separate operations.
+    return constexprs, dict(num_warps=1, enable_fp_fusion=False)
+
+
+def _arguments(params, noise, position, out, image) -> dict:
+    """The kernel's runtime arguments, by name, in order (shared with `aot_specs`)."""
+    batch, channels = out.shape
+    return dict(params_ptr=params, noise_ptr=noise, position_ptr=position, out_ptr=out,
+                image_ptr=out if image is None else image,  # a valid pointer that HAS_IMAGE=False never reads
+                batch=batch, nr_mix=noise.shape[1] - channels, num_pixels=noise.shape[2])
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _launch(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, channels: int,
+            out: torch.Tensor, image: torch.Tensor | None) -> None:
+    _check(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
+    _check(params.dim() == 2 and params.dtype in _FLOAT_TYPES and params.is_contiguous(),
+           f"params must be a contiguous floating-point (batch, P) tensor, got {params.dtype} {tuple(params.shape)}")
+    batch = params.shape[0]
+    _, k_plus_c, _, _ = mixture.noise_shape((*params.shape, 1, 1), channels)  # checks P against channels
+    _check(noise.dim() == 3 and noise.shape[:2] == (batch, k_plus_c) and noise.dtype == torch.float64
+           and noise.is_contiguous(),
+           f"noise must be contiguous float64 (batch={batch}, K + C={k_plus_c}, pixels), got {noise.dtype} {tuple(noise.shape)}")
+    _check(position.shape == (1,) and position.dtype in _INDEX_TYPES,
+           f"position must be an int32 or int64 tensor of shape (1,), got {position.dtype} {tuple(position.shape)}")
+    _check(out.shape == (batch, channels) and out.dtype in _FLOAT_TYPES and out.is_contiguous(),
+           f"out must be a contiguous floating-point ({batch}, {channels}) tensor, got {out.dtype} {tuple(out.shape)}")
+    if image is not None:
+        expected = (batch, channels, noise.shape[2])
+        _check(image.shape == expected and image.dtype in _FLOAT_TYPES and image.is_contiguous(),
+               f"image must be a contiguous floating-point {expected} tensor, got {image.dtype} {tuple(image.shape)}")
+    devices = {t.device for t in (params, noise, position, out, image) if t is not None}
+    _check(len(devices) == 1, f"params, noise, position, out and image must be on one device, got {sorted(map(str, devices))}")
+    if batch == 0:
+        return
+    constexprs, options = _config(batch, k_plus_c - channels, channels, params.dtype, image is not None)
+    grid = (triton.cdiv(batch, constexprs["BLOCK_B"]),)
+    _mixture_sample_kernel[grid](*_arguments(params, noise, position, out, image).values(), **constexprs, **options)
+
+
+def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
+    """The launches the cached sampler makes for a model `config` (a fastpixel.ModelConfig),
+    `batch` images and parameters of `dtype`, as (jit function, signature, constexprs,
+    options) for `triton.compile`: the step's pixel written into the image, position int32."""
+    channels, nr_mix = config.channels, config.nr_logistic_mix
+    meta = dict(dtype=dtype, device="meta")
+    pixels = config.shape[0] * config.shape[1]
+    args = _arguments(torch.empty(batch, mixture.num_params(channels, nr_mix), **meta),
+                      torch.empty(batch, nr_mix + channels, pixels, dtype=torch.float64, device="meta"),
+                      torch.empty(1, dtype=torch.int32, device="meta"), torch.empty(batch, channels, **meta),
+                      torch.empty(batch, channels, pixels, **meta))
+    signature = {name: f"*{(_FLOAT_TYPES | _INDEX_TYPES)[value.dtype]}" if isinstance(value, torch.Tensor) else "i32"
+                 for name, value in args.items()}
+    constexprs, options = _config(batch, nr_mix, channels, dtype, has_image=True)
+    return [(_mixture_sample_kernel, signature | {name: "constexpr" for name in constexprs}, constexprs, options)]
+
+
+# --------------------------------------------------------------------------- public functions
+def sample_pixel(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, channels: int,
+                 out: torch.Tensor, image: torch.Tensor | None = None) -> None:
+    """Draw pixel p = position[0] of every image: params (B, P) are its mixture parameters
+    (any float dtype), noise (B, K + C, N) float64 the batch's uniforms for all N pixels
+    (read at p), position an int32/int64 tensor (1,) on the device, 0 <= p < N (not checked:
+    that would read the device). Writes the (B, C) sub-pixels into `out` and, if given, into
+    `image` (B, C, N) at p, each in its own dtype. No allocation, no host synchronisation."""
+    _launch(params, noise, position, channels, out, image)
+
+
+def sample(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Tensor:
+    """One draw per row: params (B, P), noise (B, K + C) float64 -> (B, C) on the grid, float64
+    for float64 params, else float32 (the same as `reference`)."""
+    if noise.dim() != 2:
+        raise ValueError(f"noise must have shape (batch, K + C), got {tuple(noise.shape)}")
+    out = torch.empty(params.shape[0], channels, device=params.device,
+                      dtype=torch.float64 if params.dtype == torch.float64 else torch.float32)
+    position = torch.zeros(1, dtype=torch.int32, device=noise.device)
+    _launch(params, noise.unsqueeze(-1), position, channels, out, None)
+    return out
