@@ -55,8 +55,10 @@ def choose(device: torch.device | str, requested: str | None = None) -> str:
     name = requested or os.environ.get(ENV_VAR) or None
     if name is None:
         return "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
-    reason = why_unavailable(name, device)  # raises for an unknown name
+    source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
+    if name not in NAMES:
+        raise BackendError(f"{source}: unknown backend; choose one of {', '.join(NAMES)}")
+    reason = why_unavailable(name, device)
     if reason is not None:
-        source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
         raise BackendError(f"{source} cannot run here: {reason}")
     return name

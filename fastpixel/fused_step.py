@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from .cache import CachedNetwork
 from .kernels.column_conv import ColumnConv
 from .kernels.column_copy import Column, ColumnCopy
-from .kernels.mixture_sample import sample_pixel
+from .kernels.bound_launch import BoundLaunch
+from .kernels.mixture_sample import bind_sample_pixel
 from .model import LEVELS, PixelCNNpp
 
 Launch = Callable[[], None]
@@ -129,7 +130,7 @@ class FusedSteps:
         noise_flat, image_flat = noise.flatten(2), x.flatten(2)
         constants = net.constant_features.flatten(0, 1).contiguous()[None]  # (1, H * W, n): read at p
         self.finish_launches: list[Launch] = [
-            lambda: sample_pixel(self.params, noise_flat, pos, channels, pixel, image_flat),
+            bind_sample_pixel(self.params, noise_flat, pos, channels, pixel, image_flat),
             ColumnCopy(pos, pixel[:, None], features[:, None], channels, width=width),
             ColumnCopy(pos, constants, features[:, None, channels:], constants.shape[-1], width=width,
                        src_at=Column(scale=1, row_mask=-1, row_columns=width)),
@@ -233,6 +234,25 @@ class _GraphableNonLocal:
         scores = torch.bmm(b.query(self.x)[:, None], b.keys.transpose(1, 2)) * b.scale + self.bias.transpose(1, 2)
         y = torch.bmm(scores.softmax(dim=-1), b.values)[:, 0]
         torch.add(self.x, b.out(y), out=self.out)
+
+
+def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
+    """Every distinct kernel launch of the fused steps for a model `config` at `batch` in
+    `dtype`, as (jit function, signature, constexprs, options) for `triton.compile`: what
+    tests/test_kernels_compile.py compiles for real GPUs. Built on the meta device: no memory."""
+    with torch.device("meta"):
+        model = PixelCNNpp(config).to(dtype)
+        labels = None if config.num_classes is None else torch.zeros(batch, dtype=torch.long)
+        x = torch.empty(batch, config.channels, *config.shape, dtype=dtype)
+        noise = torch.empty(batch, config.nr_logistic_mix + config.channels, *config.shape, dtype=torch.float64)
+        steps = FusedSteps(model, CachedNetwork(model, batch, labels), x, noise)
+    launches = [launch for group in steps.up_launches + steps.down_launches + [steps.finish_launches]
+                for launch in group if isinstance(launch, BoundLaunch)]
+    specs = {}
+    for launch in launches:
+        fn, signature, constexprs, options = launch.aot_spec()
+        specs[(fn, *signature.items(), *constexprs.items(), *options.items())] = (fn, signature, constexprs, options)
+    return list(specs.values())
 
 
 def fused_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,

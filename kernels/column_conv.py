@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bound_launch import BoundLaunch, check as _check
+
 NONLINEARITIES = ("identity", "elu", "relu", "concat_elu")
 
 
@@ -177,13 +179,13 @@ def _column_conv_kernel(
 # --------------------------------------------------------------------------- launcher
 def constexprs(batch: int, dtype: torch.dtype) -> dict:
     """Block sizes for a batch: the launcher and the ahead-of-time compile test share them."""
-    block_b = min(triton.next_power_of_2(max(batch, 1)), 16)
     wide = dtype == torch.float64
-    return dict(BLOCK_B=block_b, BLOCK_N=16, BLOCK_K=16 if wide or block_b >= 16 else 32,
+    # BLOCK_B * BLOCK_K * BLOCK_N products live in registers at once: at most 64 per thread of 4 warps
+    return dict(BLOCK_B=min(triton.next_power_of_2(max(batch, 1)), 16), BLOCK_N=16, BLOCK_K=16 if wide else 32,
                 ACC=tl.float64 if wide else tl.float32)
 
 
-class ColumnConv:
+class ColumnConv(BoundLaunch):
     """One convolution column, bound to its tensors once so that each pixel is one launch
     (`__call__`), with no allocation, host synchronisation or shape check on the way."""
 
@@ -226,18 +228,10 @@ class ColumnConv:
         r = residual if residual is not None else dummy
         term_b, term_c = (0, 0) if term.dim() == 1 else (term.stride(0), term.stride(1))
         meta = constexprs(batch, out.dtype)
-        self.grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
-        self.args = (position, cache, cache.stride(0), cache.stride(1), weight, term, term_b, term_c,
+        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
+        args = (position, cache, cache.stride(0), cache.stride(1), weight, term, term_b, term_c,
                      x_, x_.stride(0), s, s.stride(0), s_weight, r, r.stride(0), out, out.stride(0),
                      batch, n, cin, x_.shape[-1], s.shape[-1], width, col_shift)
-        self.meta = dict(KW=kw, STRIDE=stride, LEVEL=level, FRESH=x is not None, STORE=store,
-                         NL=NONLINEARITIES.index(nonlinearity), HAS_SKIP=skip is not None,
-                         SKIP_NL=NONLINEARITIES.index(s_nl), GATE=gate, **meta)
-
-    def __call__(self) -> None:
-        _column_conv_kernel[self.grid](*self.args, **self.meta)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+        super().__init__(_column_conv_kernel, grid, args, dict(
+            KW=kw, STRIDE=stride, LEVEL=level, FRESH=x is not None, STORE=store, NL=NONLINEARITIES.index(nonlinearity),
+            HAS_SKIP=skip is not None, SKIP_NL=NONLINEARITIES.index(s_nl), GATE=gate, **meta))

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bound_launch import BoundLaunch
+
 
 @dataclass(frozen=True)
 class Column:
@@ -77,7 +79,7 @@ def constexprs(batch: int) -> dict:
     return dict(BLOCK_B=min(triton.next_power_of_2(max(batch, 1)), 16), BLOCK_C=64)
 
 
-class ColumnCopy:
+class ColumnCopy(BoundLaunch):
     """A copy bound to its buffers once; each call is one launch (graph-capturable)."""
 
     def __init__(self, position: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, count: int, *, width: int,
@@ -92,14 +94,11 @@ class ColumnCopy:
             raise ValueError(f"src must have batch {dst.shape[0]} or 1, got {src.shape[0]}")
         batch = dst.shape[0]
         meta = constexprs(batch)
-        self.grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(count, meta["BLOCK_C"]))
+        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(count, meta["BLOCK_C"]))
         src_stride_b = src.stride(0) if src.shape[0] == batch else 0
-        self.args = (position, src, src_stride_b, src.stride(1), dst, dst.stride(0), dst.stride(1), batch, count, width,
-                     *_fields(src_at), *_fields(dst_at))
-        self.meta = meta
-
-    def __call__(self) -> None:
-        _column_copy_kernel[self.grid](*self.args, **self.meta)
+        super().__init__(_column_copy_kernel, grid, (position, src, src_stride_b, src.stride(1), dst, dst.stride(0),
+                                                     dst.stride(1), batch, count, width, *_fields(src_at),
+                                                     *_fields(dst_at)), meta)
 
 
 def _fields(at: Column) -> tuple[int, ...]:

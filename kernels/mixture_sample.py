@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import mixture
+from .bound_launch import BoundLaunch, check as _check
 
 _FLOAT_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _INDEX_TYPES = {torch.int32: "i32", torch.int64: "i64"}
@@ -179,7 +180,7 @@ def _mixture_sample_kernel(
 
 # --------------------------------------------------------------------------- launcher
 def _config(batch: int, nr_mix: int, channels: int, dtype: torch.dtype, has_image: bool) -> tuple[dict, dict]:
-    """The constexprs and compile options of a launch; the launcher and `aot_specs` share them."""
+    """The constexprs and compile options of a launch."""
     constexprs = dict(CHANNELS=channels, BLOCK_B=min(triton.next_power_of_2(batch), 32),
                       BLOCK_K=triton.next_power_of_2(nr_mix),
                       COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32, HAS_IMAGE=has_image)
@@ -188,21 +189,18 @@ def _config(batch: int, nr_mix: int, channels: int, dtype: torch.dtype, has_imag
     return constexprs, dict(num_warps=1, enable_fp_fusion=False)
 
 
-def _arguments(params, noise, position, out, image) -> dict:
-    """The kernel's runtime arguments, by name, in order (shared with `aot_specs`)."""
+def _arguments(params, noise, position, out, image) -> tuple:
+    """The kernel's runtime arguments, in order."""
     batch, channels = out.shape
-    return dict(params_ptr=params, noise_ptr=noise, position_ptr=position, out_ptr=out,
-                image_ptr=out if image is None else image,  # a valid pointer that HAS_IMAGE=False never reads
-                batch=batch, nr_mix=noise.shape[1] - channels, num_pixels=noise.shape[2])
+    return (params, noise, position, out,
+            out if image is None else image,  # a valid pointer that HAS_IMAGE=False never reads
+            batch, noise.shape[1] - channels, noise.shape[2])
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _launch(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, channels: int,
-            out: torch.Tensor, image: torch.Tensor | None) -> None:
+def bind_sample_pixel(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, channels: int,
+                      out: torch.Tensor, image: torch.Tensor | None = None) -> BoundLaunch | None:
+    """`sample_pixel`'s launch, checked and bound once (None for an empty batch): each call
+    of the result draws the pixel the position points at, with no checks on the way."""
     _check(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
     _check(params.dim() == 2 and params.dtype in _FLOAT_TYPES and params.is_contiguous(),
            f"params must be a contiguous floating-point (batch, P) tensor, got {params.dtype} {tuple(params.shape)}")
@@ -222,27 +220,11 @@ def _launch(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, c
     devices = {t.device for t in (params, noise, position, out, image) if t is not None}
     _check(len(devices) == 1, f"params, noise, position, out and image must be on one device, got {sorted(map(str, devices))}")
     if batch == 0:
-        return
+        return None
     constexprs, options = _config(batch, k_plus_c - channels, channels, params.dtype, image is not None)
     grid = (triton.cdiv(batch, constexprs["BLOCK_B"]),)
-    _mixture_sample_kernel[grid](*_arguments(params, noise, position, out, image).values(), **constexprs, **options)
-
-
-def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
-    """The launches the cached sampler makes for a model `config` (a fastpixel.ModelConfig),
-    `batch` images and parameters of `dtype`, as (jit function, signature, constexprs,
-    options) for `triton.compile`: the step's pixel written into the image, position int32."""
-    channels, nr_mix = config.channels, config.nr_logistic_mix
-    meta = dict(dtype=dtype, device="meta")
-    pixels = config.shape[0] * config.shape[1]
-    args = _arguments(torch.empty(batch, mixture.num_params(channels, nr_mix), **meta),
-                      torch.empty(batch, nr_mix + channels, pixels, dtype=torch.float64, device="meta"),
-                      torch.empty(1, dtype=torch.int32, device="meta"), torch.empty(batch, channels, **meta),
-                      torch.empty(batch, channels, pixels, **meta))
-    signature = {name: f"*{(_FLOAT_TYPES | _INDEX_TYPES)[value.dtype]}" if isinstance(value, torch.Tensor) else "i32"
-                 for name, value in args.items()}
-    constexprs, options = _config(batch, nr_mix, channels, dtype, has_image=True)
-    return [(_mixture_sample_kernel, signature | {name: "constexpr" for name in constexprs}, constexprs, options)]
+    return BoundLaunch(_mixture_sample_kernel, grid, _arguments(params, noise, position, out, image),
+                       constexprs, options)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -253,7 +235,9 @@ def sample_pixel(params: torch.Tensor, noise: torch.Tensor, position: torch.Tens
     (read at p), position an int32/int64 tensor (1,) on the device, 0 <= p < N (not checked:
     that would read the device). Writes the (B, C) sub-pixels into `out` and, if given, into
     `image` (B, C, N) at p, each in its own dtype. No allocation, no host synchronisation."""
-    _launch(params, noise, position, channels, out, image)
+    launch = bind_sample_pixel(params, noise, position, channels, out, image)
+    if launch is not None:
+        launch()
 
 
 def sample(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Tensor:
@@ -264,5 +248,5 @@ def sample(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Te
     out = torch.empty(params.shape[0], channels, device=params.device,
                       dtype=torch.float64 if params.dtype == torch.float64 else torch.float32)
     position = torch.zeros(1, dtype=torch.int32, device=noise.device)
-    _launch(params, noise.unsqueeze(-1), position, channels, out, None)
+    sample_pixel(params, noise.unsqueeze(-1), position, channels, out)
     return out
