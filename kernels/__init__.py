@@ -1,9 +1,17 @@
 """Triton kernels, installed as `fastpixel.kernels`.
 
 One file per kernel family, each holding, in this order: the plain-PyTorch reference, the
-`@triton.jit` kernel, its launcher, the autograd Function when training needs one, and the
-function callers use. No model knowledge lives here. Kernels are tested on the CPU under
-TRITON_INTERPRET=1 and on a GPU when one is present. A file whose kernels the samplers launch
-also defines `aot_specs(config, batch, dtype)`, the launches as (jit function, signature,
-constexprs, options); tests/test_kernels_compile.py compiles them for sm_80 and sm_90 on any machine.
+`@triton.jit` kernel, its launcher, and the function callers use. No model knowledge lives
+here. The cached sampler's per-pixel work (`fastpixel/fused_step.py`) is made of:
+
+- `column_conv`: one output column of a shifted convolution, with the nonlinearity
+  prologue, the skip input, the cache write and the gated residual epilogue fused;
+- `column_copy`: a column of channels moved between buffers at the current pixel;
+- `mixture_sample`: a pixel drawn from the discretised logistic mixture.
+
+Their launchers bind a launch to its tensors once (`bound_launch.BoundLaunch`) and read the
+pixel's position from a device tensor, so a CUDA graph can replay them. Kernels are tested
+on the CPU under TRITON_INTERPRET=1 and on a GPU when one is present;
+tests/test_kernels_compile.py compiles every launch the fused sampler makes for sm_80 and
+sm_90 on any machine.
 """
