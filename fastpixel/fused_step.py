@@ -21,11 +21,11 @@ by one: the same code, which is how it is tested without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .cache import CachedNetwork
 from .kernels.column_conv import ColumnConv
@@ -43,35 +43,38 @@ class FusedSteps:
 
     def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
         cfg = model.config
-        self.net = net
-        batch, channels, height, width = x.shape
-        nf = cfg.nr_filters
-        nl = cfg.resnet_nonlinearity
-        widths = [width >> level for level in range(LEVELS)]
+        self.net, self.image = net, x
+        self.width = x.shape[3]
+        self.nl = cfg.resnet_nonlinearity
         self.position = torch.zeros(1, dtype=torch.int32, device=x.device)
-        pos = self.position
-
-        def buffer(*shape):
-            return x.new_zeros(batch, *shape)
-
         # the ul stream's share of the row above plus the left input's older rows, at each column
-        self.left_term = buffer(width, nf)
-        self.params = buffer(cfg.num_params_out)
-        scratch = buffer(nf)  # a block's input-convolution output, read by its output convolution
+        self.left_term = self._buffer(self.width, cfg.nr_filters)
+        self.params = self._buffer(cfg.num_params_out)
+        self._scratch = self._buffer(cfg.nr_filters)  # a block's first convolution's output, read by its second
+        self.up_launches, ups = self._up_pass()
+        self.down_launches = self._down_pass(ups)
+        self.finish_launches = self._finish(noise)
+        self._graphs = _GraphCache(enabled=x.is_cuda)
 
-        def block(b, x_in, out, level, skip=None) -> list[Launch]:
-            conv_in = ColumnConv(pos, b.conv_in.rows[:, -1], b.conv_in.newest_weight, b.conv_in.from_older, scratch,
-                                 width=width, kw=b.conv_in.kw, level=level, x=x_in, nonlinearity=nl, store=True, skip=skip)
-            conv_out = ColumnConv(pos, b.conv_out.rows[:, -1], b.conv_out.newest_weight, b.conv_out.from_older, out,
-                                  width=width, kw=b.conv_out.kw, level=level, x=scratch, nonlinearity=nl, store=True,
-                                  residual=x_in)
-            return [conv_in, conv_out]
+    def _buffer(self, *shape: int) -> torch.Tensor:
+        return self.image.new_zeros(self.image.shape[0], *shape)
 
-        # Up pass: level L's input, then one output per block; all kept for the down pass's skips.
-        self.up_launches: list[list[Launch]] = []
-        ups: list[list[torch.Tensor]] = []
+    def _block(self, block, x: torch.Tensor, out: torch.Tensor, level: int, skip=None) -> list[Launch]:
+        """A gated residual block at the pixel's column of `level`: x (B, nf) in, out (B, nf)."""
+        first, second = block.conv_in, block.conv_out
+        return [ColumnConv(self.position, first.rows[:, -1], first.newest_weight, first.from_older, self._scratch,
+                           width=self.width, kw=first.kw, level=level, x=x, nonlinearity=self.nl, store=True, skip=skip),
+                ColumnConv(self.position, second.rows[:, -1], second.newest_weight, second.from_older, out,
+                           width=self.width, kw=second.kw, level=level, x=self._scratch, nonlinearity=self.nl,
+                           store=True, residual=x)]
+
+    def _up_pass(self) -> tuple[list[list[Launch]], list[list[torch.Tensor]]]:
+        """Per level: the level's input, then one output per block, all kept for the down pass's skips."""
+        net, pos, width = self.net, self.position, self.width
+        nf = self.left_term.shape[-1]
+        launches_of_level, activations = [], []
         for level in range(LEVELS):
-            acts = [buffer(nf) for _ in range(len(net.up_ul[level]) + 1)]
+            acts = [self._buffer(nf) for _ in range(len(net.up_ul[level]) + 1)]
             if level == 0:  # ul = left_term[c] + the committed pixel left of c through ul_init_left
                 first = net.ul_init_left
                 launches = [ColumnConv(pos, first.rows[:, -1], first.newest_weight, self.left_term, acts[0],
@@ -80,66 +83,74 @@ class FusedSteps:
                 ds = net.downsample_ul[level - 1]
                 launches = [ColumnConv(pos, ds.rows[:, -1], ds.newest_weight, ds.from_older, acts[0],
                                        width=width, kw=ds.kw, stride=2, level=level)]
-            for b, x_in, out in zip(net.up_ul[level], acts, acts[1:]):
-                launches += block(b, x_in, out, level)
+            for block, x, out in zip(net.up_ul[level], acts, acts[1:]):
+                launches += self._block(block, x, out, level)
             if level < LEVELS - 1:  # into the downsampling cache, whose left padding is one column
                 ds = net.downsample_ul[level]
                 launches.append(ColumnCopy(pos, acts[-1][:, None], ds.rows[:, -1], nf, width=width,
                                            dst_at=Column(level=level, scale=1, offset=ds.left)))
-            self.up_launches.append(launches)
-            ups.append(acts)
+            launches_of_level.append(launches)
+            activations.append(acts)
+        return launches_of_level, activations
 
-        # Down pass, coarsest first. Level L's input comes from the up pass (coarsest) or from
-        # the 2x2 block the level below wrote into ul_from_below[L] (row parity, column).
-        self.down_launches: list[list[Launch]] = [[] for _ in range(LEVELS)]
-        self.nonlocal_block = None
+    def _down_pass(self, ups: list[list[torch.Tensor]]) -> list[list[Launch]]:
+        """Per level, coarsest first. Level L's input comes from the up pass (coarsest) or from
+        the 2x2 block the level below wrote into ul_from_below[L] (row parity, column); the
+        finest level ends in the output layer."""
+        net, pos, width = self.net, self.position, self.width
+        nf = self.left_term.shape[-1]
+        widths = [width >> level for level in range(LEVELS)]
+        launches_of_level: list[list[Launch]] = [[] for _ in range(LEVELS)]
         for level in reversed(range(LEVELS)):
-            launches = self.down_launches[level]
+            launches = launches_of_level[level]
             if level == LEVELS - 1:
-                x_in = ups[level].pop()
+                x = ups[level].pop()
                 if net.nonlocal_block is not None:
-                    self.nonlocal_block = _GraphableNonLocal(net.nonlocal_block, pos, x_in, width, level)
-                    launches.append(self.nonlocal_block)
-                    x_in = self.nonlocal_block.out
+                    nonlocal_block = _GraphableNonLocal(net.nonlocal_block, pos, x, width, level)
+                    launches.append(nonlocal_block)
+                    x = nonlocal_block.out
             else:
-                x_in = buffer(nf)
+                x = self._buffer(nf)
                 below = net.ul_from_below[level].flatten(1, 2)  # (B, 2 * W_L, nf): row parity, then column
-                launches.append(
-                    ColumnCopy(pos, below, x_in[:, None], nf, width=width,
-                               src_at=Column(level=level, scale=1, row_mask=1, row_columns=widths[level])))
-            for b, (_, ul_half), skip_in in zip(net.down_ul[level], net.down_ul_skip[level], reversed(ups[level])):
-                out = buffer(nf)
-                launches += block(b, x_in, out, level, skip=(skip_in, ul_half.weight.t().contiguous(), nl))
-                x_in = out
+                launches.append(ColumnCopy(pos, below, x[:, None], nf, width=width,
+                                           src_at=Column(level=level, scale=1, row_mask=1, row_columns=widths[level])))
+            for block, (_, ul_half), skip in zip(net.down_ul[level], net.down_ul_skip[level], reversed(ups[level])):
+                out = self._buffer(nf)
+                launches += self._block(block, x, out, level, skip=(skip, ul_half.weight.t().contiguous(), self.nl))
+                x = out
             if level > 0:  # the 2x2 block of level L - 1 this position produces, one row of it at a time
                 weight, bias = net.upsample_ul[level - 1]
-                square = buffer(4 * nf)
+                square = self._buffer(4 * nf)
                 launches.append(ColumnConv(pos, None, weight.contiguous(), bias.repeat(4), square, width=width, kw=1,
-                                           x=x_in))
+                                           x=x))
                 rows = net.ul_from_below[level - 1].flatten(1, 2)
                 for half in range(2):
                     launches.append(ColumnCopy(pos, square[:, None, 2 * nf * half:], rows, 2 * nf, width=width,
                                                dst_at=Column(level=level, scale=2, offset=half * widths[level - 1])))
             else:
                 launches.append(ColumnConv(pos, None, net.out.weight.t().contiguous(), net.out.bias, self.params,
-                                           width=width, kw=1, x=x_in, nonlinearity="elu"))
+                                           width=width, kw=1, x=x, nonlinearity="elu"))
+        return launches_of_level
 
-        # Draw the pixel, then hand it with the constant input channels to the three input layers.
-        features = buffer(net.constant_features.shape[-1] + channels)
-        pixel = buffer(channels)
-        noise_flat, image_flat = noise.flatten(2), x.flatten(2)
+    def _finish(self, noise: torch.Tensor) -> list[Launch]:
+        """Draw the pixel, hand it with the constant input channels to the three input
+        layers, and advance the position."""
+        net, pos, width = self.net, self.position, self.width
+        channels = self.image.shape[1]
+        features = self._buffer(net.constant_features.shape[-1] + channels)
+        pixel = self._buffer(channels)
         constants = net.constant_features.flatten(0, 1).contiguous()[None]  # (1, H * W, n): read at p
-        self.finish_launches: list[Launch] = [
-            bind_sample_pixel(self.params, noise_flat, pos, channels, pixel, image_flat),
+        launches: list[Launch] = [
+            bind_sample_pixel(self.params, noise.flatten(2), pos, channels, pixel, self.image.flatten(2)),
             ColumnCopy(pos, pixel[:, None], features[:, None], channels, width=width),
             ColumnCopy(pos, constants, features[:, None, channels:], constants.shape[-1], width=width,
                        src_at=Column(scale=1, row_mask=-1, row_columns=width)),
         ]
         for layer in (net.u_init, net.ul_init_above, net.ul_init_left):
-            self.finish_launches.append(ColumnCopy(pos, features[:, None], layer.rows[:, -1], features.shape[1],
-                                                   width=width, dst_at=Column(scale=1, offset=layer.left)))
-        self.finish_launches.append(lambda: self.position.add_(1))
-        self._graphs = _GraphCache(enabled=x.is_cuda)
+            launches.append(ColumnCopy(pos, features[:, None], layer.rows[:, -1], features.shape[1], width=width,
+                                       dst_at=Column(scale=1, offset=layer.left)))
+        launches.append(lambda: self.position.add_(1))
+        return launches
 
     def start_row(self, r: int) -> None:
         """The per-row work (CachedNetwork.start_row), then the fused input layer's per-row
@@ -264,9 +275,11 @@ def fused_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, l
     steps = FusedSteps(model, net, x, noise.contiguous())
     height, width = x.shape[2:]
     for r in range(height):
-        steps.start_row(r)
-        for c in range(width):
-            steps.step(r, c)
-            if on_params is not None:
-                on_params(r, c, steps.params)
+        # Triton launches on the current CUDA device: make it the model's (a no-op on the CPU)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            steps.start_row(r)
+            for c in range(width):
+                steps.step(r, c)
+                if on_params is not None:
+                    on_params(r, c, steps.params)
         yield r

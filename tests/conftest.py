@@ -31,6 +31,14 @@ def tiny_model(dtype=torch.float64, **overrides) -> fastpixel.PixelCNNpp:
     return model
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A saved tiny class-conditional model (3 classes, float32), for the CLI tests."""
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    fastpixel.save(tiny_model(dtype=torch.float32, num_classes=3), path)
+    return path
+
+
 def random_images(model: fastpixel.PixelCNNpp, n: int) -> torch.Tensor:
     cfg = model.config
     return torch.randint(0, 256, (n, cfg.channels, *cfg.shape), dtype=torch.uint8)

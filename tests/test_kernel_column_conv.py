@@ -55,9 +55,9 @@ def test_block_input_conv_with_skip_matches_reference(nonlinearity, dtype):
     run(3, 7, 7, kw=2, nonlinearity=nonlinearity, skip=(7, nonlinearity), dtype=dtype)
 
 
-@pytest.mark.parametrize("batch, n", [(1, 5), (5, 20), (17, 3)])
-def test_gated_output_conv_matches_reference(batch, n):
-    run(batch, n, n, kw=2, gate=True)
+@pytest.mark.parametrize("batch, n, width", [(1, 5, 12), (5, 20, 7), (17, 3, 9)])
+def test_gated_output_conv_matches_reference(batch, n, width):
+    run(batch, n, n, kw=2, gate=True, width=width, p=3 * width - 1)  # the last column of a row
 
 
 def test_strided_conv_at_half_resolution_reads_only_the_cache():

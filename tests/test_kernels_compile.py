@@ -3,7 +3,8 @@
 The interpreter that runs the kernel tests on the CPU accepts code that the compiler
 rejects, so each kernel is also compiled ahead of time to a cubin for sm_80 and sm_90,
 with the signature and constexprs its launcher really uses for two real configurations:
-the bundled MNIST model and the original CIFAR-10 one, batch 16.
+the bundled MNIST model and the original CIFAR-10 one, batch 16, in float32, float64 and
+bfloat16.
 
 What is compiled is what the fused sampler launches: `fastpixel.fused_step.aot_specs`
 lists every distinct launch of its steps, each as (jit function, signature, constexprs,
@@ -41,7 +42,7 @@ kernels = sorted(f"{info.name}.{name}" for info in pkgutil.iter_modules(fastpixe
 print(json.dumps(dict(kernels=kernels)), flush=True)
 configs = {"mnist": fastpixel.load("mnist").config, "cifar": fastpixel.ModelConfig()}  # the defaults are CIFAR's
 for name, config in configs.items():
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for fn, signature, constexprs, options in aot_specs(config, batch, dtype):
             for arch in archs:
                 start = time.perf_counter()
@@ -64,6 +65,6 @@ def test_every_kernel_compiles_to_a_cubin_for_sm80_and_sm90():
                             "mixture_sample._mixture_sample_kernel"}
     assert {line["kernel"] for line in compiled} == every_kernel
     assert {(line["config"], line["dtype"], line["arch"]) for line in compiled} == {
-        (c, d, a) for c in ("mnist", "cifar") for d in ("torch.float32", "torch.float64") for a in ARCHS}
+        (c, d, a) for c in ("mnist", "cifar") for d in ("torch.float32", "torch.float64", "torch.bfloat16") for a in ARCHS}
     empty = [line for line in compiled if line["cubin"] <= 0]
     assert not empty, f"empty cubins: {empty}"

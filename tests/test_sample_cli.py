@@ -23,13 +23,6 @@ def environment(**changes):
     return dict(env, **changes)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    fastpixel.save(tiny_model(dtype=torch.float32, num_classes=3), path)
-    return path
-
-
 def test_fast_sampling_writes_grid_and_array_equal_to_naive(checkpoint, tmp_path):
     fast = run_cli("--fast", "--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", "--backend", "torch",
                    cwd=tmp_path)
