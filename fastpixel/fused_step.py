@@ -149,7 +149,7 @@ class FusedSteps:
         for layer in (net.u_init, net.ul_init_above, net.ul_init_left):
             launches.append(ColumnCopy(pos, features[:, None], layer.rows[:, -1], features.shape[1], width=width,
                                        dst_at=Column(scale=1, offset=layer.left)))
-        launches.append(lambda: self.position.add_(1))
+        launches.append(Advance(pos))
         return launches
 
     def start_row(self, r: int) -> None:
@@ -216,6 +216,16 @@ class _GraphCache:
             torch.cuda.synchronize()
             return None
         return graph
+
+
+class Advance:
+    """The step's last operation: the position moves to the next pixel."""
+
+    def __init__(self, position: torch.Tensor):
+        self.position = position
+
+    def __call__(self) -> None:
+        self.position.add_(1)
 
 
 class _GraphableNonLocal:

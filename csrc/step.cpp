@@ -1,0 +1,223 @@
+// The cached sampler's pixel step on the CPU: the ops of fastpixel/fused_step.py's step
+// plan (the Triton kernels in kernels/), run in order over the same buffers.
+//
+// A step is a flat array of op descriptors, packed once by fastpixel/cext_step.py from the
+// plan's bound launches: each op holds exactly the arguments its Triton kernel gets, with
+// tensors as raw addresses and strides in elements. One call of fp_run_* runs a whole step,
+// so a pixel costs one call from Python instead of hundreds of PyTorch operators.
+//
+// Exactness: built with -ffp-contract=off, so the mixture draw rounds every operation as
+// PyTorch does (its products and sums are separate); the convolutions ask for fused
+// multiply-adds themselves (std::fma), which only changes their rounding, well within the
+// cache's tolerances.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Kind : int64_t { COLUMN_CONV = 0, COLUMN_COPY = 1, SAMPLE_PIXEL = 2, ADVANCE = 3 };
+enum Nonlinearity : int64_t { IDENTITY = 0, ELU = 1, RELU = 2, CONCAT_ELU = 3 };
+constexpr int SLOTS = 40;  // int64 slots of one op descriptor (kept in step with cext_step.py)
+
+// One op: its kind, then its arguments in the order of the Triton kernel's signature.
+struct Op {
+    int64_t kind;
+    int64_t a[SLOTS - 1];
+    template <class P> P* ptr(int i) const { return reinterpret_cast<P*>(a[i]); }
+};
+
+int64_t position(const Op& op, int slot) { return *op.ptr<const int32_t>(slot); }
+
+template <class T> T nl(T v, int64_t kind) {
+    if (kind == ELU || kind == CONCAT_ELU) return v > 0 ? v : std::expm1(v);
+    if (kind == RELU) return v > 0 ? v : T(0);
+    return v;
+}
+
+// nl(x) for one batch row: raw channels in, factor * raw channels out (concat_elu: [x, -x]).
+template <class T> void fresh(const T* x, int64_t raw, int64_t kind, T* out) {
+    for (int64_t i = 0; i < raw; ++i) out[i] = nl(x[i], kind);
+    if (kind == CONCAT_ELU)
+        for (int64_t i = 0; i < raw; ++i) out[raw + i] = nl(-x[i], kind);
+}
+
+// acc[b, :n] += v[b] * w[:n] for every batch row, one weight row read once for all of them.
+template <class T> void axpy_rows(const T* w, int64_t n, const T* v, int64_t batch, T* acc, int64_t acc_stride) {
+    for (int64_t b = 0; b < batch; ++b) {
+        const T s = v[b];
+        if (s == T(0)) continue;  // exact: zero padding and relu's zeros add nothing
+        T* row = acc + b * acc_stride;
+        for (int64_t i = 0; i < n; ++i) row[i] = std::fma(s, w[i], row[i]);
+    }
+}
+
+// kernels/column_conv.py: one output column of a shifted convolution for the whole batch.
+template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+    const int64_t* a = op.a;
+    T* cache = op.ptr<T>(1);
+    const int64_t scb = a[2], scc = a[3];
+    const T* weight = op.ptr<const T>(4);
+    const T* term = op.ptr<const T>(5);
+    const int64_t stb = a[6], stc = a[7];
+    const T* x = op.ptr<const T>(8);
+    const int64_t sxb = a[9];
+    const T* skip = op.ptr<const T>(10);
+    const int64_t ssb = a[11];
+    const T* skip_w = op.ptr<const T>(12);
+    const T* res = op.ptr<const T>(13);
+    const int64_t srb = a[14];
+    T* out = op.ptr<T>(15);
+    const int64_t sob = a[16], batch = a[17], n = a[18], cin = a[19], x_raw = a[20], s_raw = a[21],
+                  width = a[22], col_shift = a[23];
+    const int64_t kw = a[24], stride = a[25], level = a[26], has_x = a[27], store = a[28], nlk = a[29],
+                  has_skip = a[30], skip_nl = a[31], gate = a[32];
+
+    const int64_t col = (position(op, 0) % width) >> level;
+    const int64_t first = stride * col + col_shift;
+    const int64_t n_out = gate ? 2 * n : n;
+    acc.resize(batch * n_out);
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t i = 0; i < n_out; ++i) acc[b * n_out + i] = term[b * stb + col * stc + i];
+
+    // The window's columns: the cache's, then (with x) the fresh column nl(x).
+    const int64_t s_channels = skip_nl == CONCAT_ELU ? 2 * s_raw : s_raw;
+    const int64_t rows = cin > s_channels ? cin : s_channels;
+    scratch.resize((batch + 1) * rows);
+    T* column = scratch.data();              // (rows, batch): one window column, batch innermost
+    T* fresh_rows = column + batch * rows;   // one batch row's nl(x) or nl(skip)
+    for (int64_t j = 0; j < kw; ++j) {
+        const int64_t at = first + j;
+        const bool is_fresh = has_x && j == kw - 1;
+        if (!is_fresh && at < 0) continue;  // zero padding
+        for (int64_t b = 0; b < batch; ++b) {
+            const T* src = cache + b * scb + at * scc;
+            if (is_fresh) {
+                fresh(x + b * sxb, x_raw, nlk, fresh_rows);
+                src = fresh_rows;
+                if (store)
+                    for (int64_t k = 0; k < cin; ++k) cache[b * scb + at * scc + k] = fresh_rows[k];
+            }
+            for (int64_t k = 0; k < cin; ++k) column[k * batch + b] = src[k];
+        }
+        for (int64_t k = 0; k < cin; ++k)
+            axpy_rows(weight + (j * cin + k) * n_out, n_out, column + k * batch, batch, acc.data(), n_out);
+    }
+
+    if (has_skip) {  // + nl(skip) @ skip_weight, a 1x1 layer on another input
+        for (int64_t b = 0; b < batch; ++b) {
+            fresh(skip + b * ssb, s_raw, skip_nl, fresh_rows);
+            for (int64_t k = 0; k < s_channels; ++k) column[k * batch + b] = fresh_rows[k];
+        }
+        for (int64_t k = 0; k < s_channels; ++k)
+            axpy_rows(skip_w + k * n, n, column + k * batch, batch, acc.data(), n_out);
+    }
+
+    for (int64_t b = 0; b < batch; ++b) {
+        const T* row = acc.data() + b * n_out;
+        T* o = out + b * sob;
+        if (gate) {  // x + a * sigmoid(b)
+            const T* r = res + b * srb;
+            for (int64_t i = 0; i < n; ++i) o[i] = r[i] + row[i] * (T(1) / (T(1) + std::exp(-row[n + i])));
+        } else {
+            for (int64_t i = 0; i < n; ++i) o[i] = row[i];
+        }
+    }
+}
+
+// kernels/column_copy.py: a column's channels from one buffer to another.
+int64_t column_at(int64_t p, int64_t width, const int64_t* f) {  // level, scale, offset, row_mask, row_columns
+    return f[1] * ((p % width) >> f[0]) + f[2] + (((p / width) >> f[0]) & f[3]) * f[4];
+}
+
+template <class T> void column_copy(const Op& op) {
+    const int64_t* a = op.a;
+    const T* src = op.ptr<const T>(1);
+    T* dst = op.ptr<T>(4);
+    const int64_t ssb = a[2], ssc = a[3], sdb = a[5], sdc = a[6], batch = a[7], count = a[8], width = a[9];
+    const int64_t p = position(op, 0);
+    const int64_t s = column_at(p, width, a + 10), d = column_at(p, width, a + 15);
+    for (int64_t b = 0; b < batch; ++b) {
+        const T* from = src + b * ssb + s * ssc;
+        T* to = dst + b * sdb + d * sdc;
+        for (int64_t i = 0; i < count; ++i) to[i] = from[i];
+    }
+}
+
+// kernels/mixture_sample.py (fastpixel.mixture.sample on one pixel): uniforms clamped and
+// transformed in float64, Gumbel-max with the first index of the largest (or of a NaN),
+// each channel's coupled mean in PyTorch's order, snapped with round-half-to-even.
+double uniform(double u) {
+    const double low = 2.2250738585072014e-308, high = 1.0 - 0x1p-53;
+    return u < low ? low : (u > high ? high : u);  // keeps NaN, as clamp does
+}
+
+template <class T> T snap(T y) {
+    T z = (y + T(1)) * T(127.5);
+    z = std::nearbyint(z);  // round half to even in the default rounding mode
+    z = z < T(0) ? T(0) : (z > T(255) ? T(255) : z);
+    return z / T(127.5) - T(1);
+}
+
+template <class T> void sample_pixel(const Op& op) {
+    const int64_t* a = op.a;
+    const T* params = op.ptr<const T>(0);
+    const double* noise = op.ptr<const double>(1);
+    T* out = op.ptr<T>(3);
+    T* image = op.ptr<T>(4);
+    const int64_t batch = a[5], k = a[6], pixels = a[7], channels = a[8], has_image = a[9];
+    const int64_t p = position(op, 2);
+    const int64_t num_params = k * (1 + 2 * channels + (channels == 3 ? 3 : 0));
+    for (int64_t b = 0; b < batch; ++b) {
+        const T* prm = params + b * num_params;
+        const double* u = noise + b * (k + channels) * pixels + p;
+        int64_t comp = -1;
+        T best = T(0);
+        for (int64_t i = 0; i < k; ++i) {
+            const T v = prm[i] + static_cast<T>(-std::log(-std::log(uniform(u[i * pixels]))));
+            if (v != v) { comp = i; break; }  // argmax returns the first NaN
+            if (comp < 0 || v > best) { comp = i; best = v; }
+        }
+        T x[3];
+        for (int64_t c = 0; c < channels; ++c) {
+            const T mean = prm[k * (1 + c) + comp];
+            T log_scale = prm[k * (1 + channels + c) + comp];
+            log_scale = log_scale < T(-7) ? T(-7) : log_scale;
+            const T scale = static_cast<T>(std::exp(static_cast<double>(log_scale)));
+            const double uc = uniform(u[(k + c) * pixels]);
+            const T logistic = static_cast<T>(std::log(uc) - std::log1p(-uc));
+            T coupled = mean;
+            if (c == 1) {
+                coupled = mean + static_cast<T>(std::tanh(static_cast<double>(prm[k * 7 + comp]))) * x[0];
+            } else if (c == 2) {
+                const T beta = static_cast<T>(std::tanh(static_cast<double>(prm[k * 8 + comp])));
+                const T gamma = static_cast<T>(std::tanh(static_cast<double>(prm[k * 9 + comp])));
+                coupled = (mean + beta * x[0]) + gamma * x[1];
+            }
+            x[c] = snap(coupled + scale * logistic);
+            out[b * channels + c] = x[c];
+            if (has_image) image[(b * channels + c) * pixels + p] = x[c];
+        }
+    }
+}
+
+template <class T> void run(const Op* ops, int64_t count) {
+    thread_local std::vector<T> acc, scratch;  // grown once, reused by every later step
+    for (int64_t i = 0; i < count; ++i) {
+        const Op& op = ops[i];
+        switch (op.kind) {
+            case COLUMN_CONV: column_conv<T>(op, acc, scratch); break;
+            case COLUMN_COPY: column_copy<T>(op); break;
+            case SAMPLE_PIXEL: sample_pixel<T>(op); break;
+            case ADVANCE: *op.ptr<int32_t>(0) += 1; break;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+int fp_op_slots() { return SLOTS; }
+void fp_run_float32(const Op* ops, int64_t count) { run<float>(ops, count); }
+void fp_run_float64(const Op* ops, int64_t count) { run<double>(ops, count); }
+}
