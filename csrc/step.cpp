@@ -42,14 +42,38 @@ template <class T> void fresh(const T* x, int64_t raw, int64_t kind, T* out) {
         for (int64_t i = 0; i < raw; ++i) out[raw + i] = nl(-x[i], kind);
 }
 
-// acc[b, :n] += v[b] * w[:n] for every batch row, one weight row read once for all of them.
-template <class T> void axpy_rows(const T* w, int64_t n, const T* v, int64_t batch, T* acc, int64_t acc_stride) {
-    for (int64_t b = 0; b < batch; ++b) {
-        const T s = v[b];
-        if (s == T(0)) continue;  // exact: zero padding and relu's zeros add nothing
-        T* row = acc + b * acc_stride;
-        for (int64_t i = 0; i < n; ++i) row[i] = std::fma(s, w[i], row[i]);
+// acc[b, i] += sum_k v[k, b] * w[k, i] for a ROWS x COLS tile held in registers while the
+// whole k loop runs, so each weight row is read once per tile instead of once per image.
+template <class T, int ROWS, int COLS>
+void tile(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t b0, int64_t i0) {
+    T c[ROWS][COLS];
+    for (int r = 0; r < ROWS; ++r)
+        for (int j = 0; j < COLS; ++j) c[r][j] = acc[(b0 + r) * lda + i0 + j];
+    for (int64_t kk = 0; kk < k; ++kk) {
+        const T* wr = w + kk * ldw + i0;
+        const T* vr = v + kk * batch + b0;
+        for (int r = 0; r < ROWS; ++r)
+            for (int j = 0; j < COLS; ++j) c[r][j] = std::fma(vr[r], wr[j], c[r][j]);
     }
+    for (int r = 0; r < ROWS; ++r)
+        for (int j = 0; j < COLS; ++j) acc[(b0 + r) * lda + i0 + j] = c[r][j];
+}
+
+template <class T, int ROWS>
+void tile_rows(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda, int64_t b0) {
+    constexpr int COLS = 128 / sizeof(T);  // two 512-bit registers of a row
+    int64_t i0 = 0;
+    for (; i0 + COLS <= n; i0 += COLS) tile<T, ROWS, COLS>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    for (; i0 + 8 <= n; i0 += 8) tile<T, ROWS, 8>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    for (; i0 < n; ++i0) tile<T, ROWS, 1>(v, batch, k, w, ldw, acc, lda, b0, i0);
+}
+
+// acc (batch, lda)[:, :n] += v (k, batch)^T @ w (k, ldw)[:, :n]
+template <class T>
+void gemm(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
+    int64_t b0 = 0;
+    for (; b0 + 4 <= batch; b0 += 4) tile_rows<T, 4>(v, batch, k, w, ldw, n, acc, lda, b0);
+    for (; b0 < batch; ++b0) tile_rows<T, 1>(v, batch, k, w, ldw, n, acc, lda, b0);
 }
 
 // kernels/column_conv.py: one output column of a shifted convolution for the whole batch.
@@ -80,37 +104,38 @@ template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vect
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t i = 0; i < n_out; ++i) acc[b * n_out + i] = term[b * stb + col * stc + i];
 
-    // The window's columns: the cache's, then (with x) the fresh column nl(x).
+    // The window (kw * cin, batch), batch innermost: the cache's columns (zeros left of the
+    // padding), then with x the fresh column nl(x), also stored into the cache when asked.
     const int64_t s_channels = skip_nl == CONCAT_ELU ? 2 * s_raw : s_raw;
-    const int64_t rows = cin > s_channels ? cin : s_channels;
-    scratch.resize((batch + 1) * rows);
-    T* column = scratch.data();              // (rows, batch): one window column, batch innermost
-    T* fresh_rows = column + batch * rows;   // one batch row's nl(x) or nl(skip)
+    const int64_t window = kw * cin, rows = window > s_channels ? window : s_channels;
+    scratch.resize(rows * batch + (cin > s_channels ? cin : s_channels));
+    T* columns = scratch.data();
+    T* fresh_row = columns + rows * batch;  // one image's nl(x) or nl(skip)
     for (int64_t j = 0; j < kw; ++j) {
         const int64_t at = first + j;
-        const bool is_fresh = has_x && j == kw - 1;
-        if (!is_fresh && at < 0) continue;  // zero padding
+        T* dst = columns + j * cin * batch;
         for (int64_t b = 0; b < batch; ++b) {
             const T* src = cache + b * scb + at * scc;
-            if (is_fresh) {
-                fresh(x + b * sxb, x_raw, nlk, fresh_rows);
-                src = fresh_rows;
+            if (has_x && j == kw - 1) {
+                fresh(x + b * sxb, x_raw, nlk, fresh_row);
+                src = fresh_row;
                 if (store)
-                    for (int64_t k = 0; k < cin; ++k) cache[b * scb + at * scc + k] = fresh_rows[k];
+                    for (int64_t k = 0; k < cin; ++k) cache[b * scb + at * scc + k] = fresh_row[k];
+            } else if (at < 0) {
+                for (int64_t k = 0; k < cin; ++k) dst[k * batch + b] = T(0);
+                continue;
             }
-            for (int64_t k = 0; k < cin; ++k) column[k * batch + b] = src[k];
+            for (int64_t k = 0; k < cin; ++k) dst[k * batch + b] = src[k];
         }
-        for (int64_t k = 0; k < cin; ++k)
-            axpy_rows(weight + (j * cin + k) * n_out, n_out, column + k * batch, batch, acc.data(), n_out);
     }
+    gemm(columns, batch, window, weight, n_out, n_out, acc.data(), n_out);
 
-    if (has_skip) {  // + nl(skip) @ skip_weight, a 1x1 layer on another input
+    if (has_skip) {  // + nl(skip) @ skip_weight, a 1x1 layer on another input (never with the gate)
         for (int64_t b = 0; b < batch; ++b) {
-            fresh(skip + b * ssb, s_raw, skip_nl, fresh_rows);
-            for (int64_t k = 0; k < s_channels; ++k) column[k * batch + b] = fresh_rows[k];
+            fresh(skip + b * ssb, s_raw, skip_nl, fresh_row);
+            for (int64_t k = 0; k < s_channels; ++k) columns[k * batch + b] = fresh_row[k];
         }
-        for (int64_t k = 0; k < s_channels; ++k)
-            axpy_rows(skip_w + k * n, n, column + k * batch, batch, acc.data(), n_out);
+        gemm(columns, batch, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
     for (int64_t b = 0; b < batch; ++b) {

@@ -1,12 +1,15 @@
 """Which implementation runs the cached sampler's per-pixel work: the one place that decides.
 
-- `torch`: plain PyTorch (`fastpixel/cache.py`), everywhere; the default off CUDA, where
-  it is the fastest path we have.
+- `torch`: plain PyTorch (`fastpixel/cache.py`), everywhere; the fallback when neither
+  engine below can run.
 - `triton`: fused Triton kernels (`kernels/`) replayed through CUDA graphs
   (`fastpixel/fused_step.py`); the default for CUDA tensors when Triton imports. With
   `TRITON_INTERPRET=1` it also runs on CPU tensors, slowly: that is how it is tested
   without a GPU.
-- `cext`: the C++ extension `fastpixel._C` (`csrc/`), not built yet.
+- `cext`: the C++ engine (`csrc/`, `fastpixel/cext_step.py`) running the same step plan
+  as the Triton backend on CPU tensors, float32 or float64; compiled on first use
+  (`fastpixel/extension.py`). The default on the CPU; where it cannot be built, the
+  automatic choice warns once and takes `torch`.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -32,8 +36,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def why_unavailable(name: str, device: torch.device) -> str | None:
-    """None if backend `name` can run on tensors of `device`, else the reason it cannot."""
+def why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if backend `name` can run on tensors of `device` (and `dtype`, when given), else
+    the reason it cannot. For `cext`, this compiles the engine the first time."""
     if name == "torch":
         return None
     if name == "triton":
@@ -44,21 +49,42 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
         return (f"Triton kernels need CUDA tensors, and the model is on {device.type}"
                 + (" (set TRITON_INTERPRET=1 to run them, slowly, on the CPU)" if device.type == "cpu" else ""))
     if name == "cext":
-        return "the C++ extension fastpixel._C is not built yet (csrc/ holds no engine)"
+        if device.type != "cpu":
+            return f"the C++ engine runs on CPU tensors, and the model is on {device.type}"
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            return f"the C++ engine runs float32 and float64 models, not {dtype}"
+        if importlib.util.find_spec("triton") is None:
+            return "the C++ engine runs the Triton backend's step plan, and Triton is not installed (pip install triton)"
+        from . import extension
+        return extension.why_unavailable()
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
 
 
-def choose(device: torch.device | str, requested: str | None = None) -> str:
-    """The backend for tensors on `device`: `requested`, else $FASTPIXEL_BACKEND, else the
-    fastest one that can run there. Raises BackendError if a forced one cannot."""
+def choose(device: torch.device | str, requested: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend for tensors on `device` (of `dtype`): `requested`, else $FASTPIXEL_BACKEND,
+    else the fastest one that can run there. Raises BackendError if a forced one cannot."""
     device = torch.device(device)
     name = requested or os.environ.get(ENV_VAR) or None
     if name is None:
-        return "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
+        return _automatic(device, dtype)
     source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
     if name not in NAMES:
         raise BackendError(f"{source}: unknown backend; choose one of {', '.join(NAMES)}")
-    reason = why_unavailable(name, device)
+    reason = why_unavailable(name, device, dtype)
     if reason is not None:
         raise BackendError(f"{source} cannot run here: {reason}")
     return name
+
+
+def _automatic(device: torch.device, dtype: torch.dtype | None) -> str:
+    if device.type == "cuda":
+        return "triton" if why_unavailable("triton", device) is None else "torch"
+    if device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64)):
+        return "torch"
+    reason = why_unavailable("cext", device)
+    if reason is None:
+        return "cext"
+    # the reason is the same for the rest of the process (the build is tried once), so is the warning
+    warnings.warn(f"fastpixel: the C++ engine is unavailable, sampling with the PyTorch path ({reason})",
+                  RuntimeWarning, stacklevel=3)
+    return "torch"

@@ -95,7 +95,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool) -> tup
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
     try:
-        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args))
+        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args),
+                                           next(model.parameters()).dtype)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
     return model, backend

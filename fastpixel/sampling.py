@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from typing import Iterator, Sequence
 
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache, mixture
-from .backend import choose
+from .backend import ENV_VAR, choose
 from .model import PixelCNNpp, check_labels
 
 
@@ -61,7 +62,7 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
-    name = resolve_backend(param.device, fast, backend)
+    name = resolve_backend(param.device, fast, backend, param.dtype)
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
 
@@ -82,10 +83,13 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     return images
 
 
-def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None) -> str:
-    """The backend that sample(fast=fast, backend=requested) runs on `device`. Raises a
-    ValueError (a fastpixel.backend.BackendError when it cannot run here) before any work."""
-    name = choose(device, requested)  # also checks a backend forced by $FASTPIXEL_BACKEND
+def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+    """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
+    `dtype`. Raises a ValueError (a fastpixel.backend.BackendError when it cannot run here)
+    before any work."""
+    if fast or requested is not None or os.environ.get(ENV_VAR):  # the naive sampler builds nothing
+        name = choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if fast:
         return name
     if requested not in (None, "torch"):
