@@ -50,6 +50,14 @@ def _pack(launch: BoundLaunch | Advance, slots: int) -> np.ndarray:
     return op
 
 
+def engine_call(launches: list[BoundLaunch | Advance], dtype: torch.dtype) -> Callable[[], None]:
+    """One call into the engine that runs `launches` in order, on tensors of `dtype`
+    (float32 or float64), packed now. Raises extension.BuildError when there is no engine."""
+    library = extension.load()
+    run = library.fp_run_float64 if dtype == torch.float64 else library.fp_run_float32
+    return _Ops(run, [_pack(launch, library.fp_op_slots()) for launch in launches])
+
+
 class _Ops:
     """A run of packed ops: one call into the engine."""
 
@@ -70,31 +78,28 @@ class CextSteps:
             raise ValueError(f"the C++ engine runs float32 and float64 models, not {x.dtype}")
         if x.device.type != "cpu":
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
-        library = extension.load()
         self.plan = FusedSteps(model, net, x, noise)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
-        self._run = library.fp_run_float64 if x.dtype == torch.float64 else library.fp_run_float32
-        slots = library.fp_op_slots()
-        self._segments = [self._segments_of(due, slots) for due in range(1, LEVELS + 1)]
+        self._segments = [self._segments_of(due, x.dtype) for due in range(1, LEVELS + 1)]
 
-    def _segments_of(self, due: int, slots: int) -> list[Callable[[], None]]:
+    def _segments_of(self, due: int, dtype: torch.dtype) -> list[Callable[[], None]]:
         """A step's launches (FusedSteps._run's order) as runs of packed ops, one engine call
         each, with whatever is not a packable launch (the non-local block) between them."""
         plan = self.plan
         launches = [launch for level in range(due) for launch in plan.up_launches[level]]
         launches += [launch for level in reversed(range(due)) for launch in plan.down_launches[level]]
         launches += plan.finish_launches
-        segments, packed = [], []
+        segments, packable = [], []
         for launch in launches:
             if isinstance(launch, (BoundLaunch, Advance)):
-                packed.append(_pack(launch, slots))
+                packable.append(launch)
                 continue
-            if packed:
-                segments.append(_Ops(self._run, packed))
-                packed = []
+            if packable:
+                segments.append(engine_call(packable, dtype))
+                packable = []
             segments.append(launch)
-        if packed:
-            segments.append(_Ops(self._run, packed))
+        if packable:
+            segments.append(engine_call(packable, dtype))
         return segments
 
     def start_row(self, r: int) -> None:

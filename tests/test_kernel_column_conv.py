@@ -11,7 +11,9 @@ TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
 def run(batch, n, x_raw, *, kw, stride=1, level=0, col_shift=0, fresh=True, store=True, nonlinearity="concat_elu",
-        skip=None, gate=False, per_column_term=True, dtype=torch.float32, width=12, p=None):
+        skip=None, gate=False, per_column_term=True, dtype=torch.float32, width=12, p=None, call=lambda launch: launch()):
+    """Bind a ColumnConv on random inputs, run it with `call` (default: the Triton launch)
+    and compare its output and its cache write with the float64 reference."""
     factor = 2 if nonlinearity == "concat_elu" else 1
     cin = factor * x_raw if fresh else x_raw
     out_width = (width >> level)
@@ -37,9 +39,9 @@ def run(batch, n, x_raw, *, kw, stride=1, level=0, col_shift=0, fresh=True, stor
                                                    skip=skip_args, residual=residual)
     before = cache.clone()
     out = torch.empty(batch, n, dtype=dtype, device=DEVICE)
-    column_conv.ColumnConv(position, cache, weight, term, out, width=width, kw=kw, stride=stride, level=level,
-                           col_shift=col_shift, x=x, nonlinearity=nonlinearity, store=store and fresh,
-                           skip=skip_args, residual=residual)()
+    call(column_conv.ColumnConv(position, cache, weight, term, out, width=width, kw=kw, stride=stride, level=level,
+                                col_shift=col_shift, x=x, nonlinearity=nonlinearity, store=store and fresh,
+                                skip=skip_args, residual=residual))
     tol = TOLERANCE[dtype]
     assert (out.double() - expected).abs().max() <= tol * max(1.0, float(expected.abs().max()))
     at = stride * ((p % width) >> level) + col_shift + kw - 1

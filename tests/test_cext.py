@@ -1,0 +1,154 @@
+"""The C++ engine (csrc/, fastpixel/cext_step.py): each op against its kernel file's float64
+reference, whole samplings against the PyTorch cached sampler, and the build's fallback."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastpixel
+from fastpixel import extension
+from fastpixel.backend import BackendError, choose
+from tests.conftest import tiny_model
+
+pytest.importorskip("triton")  # the engine runs the Triton backend's step plan
+if shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip("no C++ compiler to build the engine with", allow_module_level=True)
+
+from fastpixel.cext_step import engine_call  # noqa: E402 -- after the skips
+from fastpixel.kernels import column_copy, mixture_sample  # noqa: E402
+from tests import test_kernel_column_conv, test_kernel_mixture_sample  # noqa: E402
+from tests.test_fused_step import cached_run, on_an_edge  # noqa: E402
+
+CPU = "cpu"
+
+
+def in_engine(launch) -> None:
+    dtype = next(a.dtype for a in launch.args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    engine_call([launch], dtype)()
+
+
+# --------------------------------------------------------------------------- ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [
+    dict(batch=3, n=7, x_raw=7, kw=2, nonlinearity="concat_elu", skip=(7, "concat_elu")),   # block input, with skip
+    dict(batch=5, n=20, x_raw=20, kw=2, gate=True, width=7, p=20, nonlinearity="elu"),       # gated output, odd sizes
+    dict(batch=17, n=40, x_raw=40, kw=2, gate=True, nonlinearity="relu"),                    # tiles and their edges
+    dict(batch=2, n=6, x_raw=6, kw=2, stride=2, level=1, fresh=False, p=70),                 # downsampling
+    dict(batch=2, n=9, x_raw=3, kw=1, col_shift=-1, fresh=False, p=24),                      # left of the image: zeros
+    dict(batch=4, n=11, x_raw=8, kw=1, store=False, nonlinearity="elu", per_column_term=False),  # 1x1 with a bias
+])
+def test_column_conv_op_matches_reference(case, dtype, monkeypatch):
+    monkeypatch.setattr(test_kernel_column_conv, "DEVICE", CPU)
+    test_kernel_column_conv.run(**case, dtype=dtype, call=in_engine)
+
+
+@pytest.mark.parametrize("position", [0, 47])
+@pytest.mark.parametrize("src_at, dst_at, count", [
+    (column_copy.Column(), column_copy.Column(scale=1, offset=1), 5),
+    (column_copy.Column(level=1, scale=1, row_mask=1, row_columns=6), column_copy.Column(), 7),
+    (column_copy.Column(scale=1, row_mask=-1, row_columns=12), column_copy.Column(level=1, scale=2, offset=12), 3),
+])
+def test_column_copy_op_matches_reference(position, src_at, dst_at, count):
+    src, dst = torch.randn(3, 64, 7, dtype=torch.float64), torch.randn(3, 30, 5, dtype=torch.float64)
+    expected = dst.clone()
+    column_copy.reference(src, expected, position, count, width=12, src_at=src_at, dst_at=dst_at)
+    pos = torch.tensor([position], dtype=torch.int32)
+    in_engine(column_copy.ColumnCopy(pos, src, dst, count, width=12, src_at=src_at, dst_at=dst_at))
+    assert torch.equal(dst, expected)
+
+
+def engine_sample(params, noise, channels):
+    """mixture_sample.sample with the engine: one draw per row."""
+    out = torch.empty(params.shape[0], channels, dtype=params.dtype)
+    position = torch.zeros(1, dtype=torch.int32)
+    in_engine(mixture_sample.bind_sample_pixel(params, noise[:, :, None], position, channels, out))
+    return out
+
+
+@pytest.mark.parametrize("channels, nr_mix", [(1, 1), (1, 5), (3, 10)])
+def test_mixture_draw_equals_mixture_sample_exactly_in_float64(channels, nr_mix, monkeypatch):
+    monkeypatch.setattr(test_kernel_mixture_sample, "DEVICE", CPU)
+    params, noise = test_kernel_mixture_sample.random_inputs(1000, nr_mix, channels, torch.float64, seed=channels)
+    params[:3, 1 % nr_mix] = float("nan")  # a NaN logit is chosen, as torch.argmax chooses it
+    assert torch.equal(engine_sample(params, noise, channels), mixture_sample.reference(params, noise, channels))
+
+
+@pytest.mark.parametrize("channels, nr_mix", [(1, 5), (3, 10)])
+def test_mixture_draw_in_float32_differs_only_rarely_and_at_bin_edges(channels, nr_mix, monkeypatch):
+    monkeypatch.setattr(test_kernel_mixture_sample, "DEVICE", CPU)
+    params, noise = test_kernel_mixture_sample.random_inputs(2000, nr_mix, channels, torch.float32, seed=7)
+    got, expected = engine_sample(params, noise, channels), mixture_sample.reference(params, noise, channels)
+    assert test_kernel_mixture_sample._unexplained(params, noise, channels, got, expected) == []
+    assert (got != expected).any(dim=1).double().mean() <= 0.005
+
+
+# --------------------------------------------------------------------------- samplers
+OPTIONS = [
+    dict(channels=3, num_classes=3, coordconv=True, nonlocal_block=True),
+    dict(channels=1, nr_resnet=2, nonlocal_block=True, resnet_nonlinearity="elu", image_size=(12, 8)),
+    dict(channels=1, coordconv=True, resnet_nonlinearity="relu", nr_logistic_mix=1, image_size=(4, 8)),
+    dict(channels=3, num_classes=2, nr_filters=20, image_size=(8, 16)),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_cext_steps_match_torch_steps_float64(options):
+    model = tiny_model(**{"image_size": (8, 8), **options})
+    x_torch, params_torch = cached_run(model, 3, 7, "torch")
+    x_cext, params_cext = cached_run(model, 3, 7, "cext")
+    assert (params_cext - params_torch).abs().max() <= 1e-10
+    assert torch.equal(x_cext, x_torch)
+
+
+@pytest.mark.parametrize("options", OPTIONS[:2])
+def test_cext_steps_in_float32_differ_only_where_a_draw_lies_on_a_bin_edge(options):
+    model = tiny_model(**{"image_size": (8, 8), **options, "dtype": torch.float32})
+    n, seed = 4, 1
+    x_torch, params_torch = cached_run(model, n, seed, "torch")
+    x_cext, params_cext = cached_run(model, n, seed, "cext")
+    assert (params_cext - params_torch).abs().max() <= 1e-4
+    channels = model.config.channels
+    for i in (x_cext != x_torch).flatten(1).any(dim=1).nonzero().flatten().tolist():
+        first = (x_cext[i] != x_torch[i]).permute(1, 2, 0).flatten().nonzero()[0].item()
+        (r, c), channel = divmod(first // channels, model.config.shape[1]), first % channels
+        assert on_an_edge(params_torch[i, :, r, c], fastpixel.sampling.image_noise(model.config, seed, i)[:, r, c],
+                          x_torch[i, :channel, r, c], channel)
+
+
+def test_sample_picks_cext_on_the_cpu_and_draws_the_naive_samplers_images():
+    model = tiny_model(channels=3, num_classes=2, image_size=(4, 8))
+    assert choose(CPU, dtype=torch.float64) == "cext"
+    assert torch.equal(fastpixel.sample(model, 3, fast=True, seed=5), fastpixel.sample(model, 3, seed=5))
+
+
+# --------------------------------------------------------------------------- the build
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty build directory and no build outcome remembered, before and after the test."""
+    monkeypatch.setenv("FASTPIXEL_BUILD_DIR", str(tmp_path))
+    extension.forget()
+    yield tmp_path
+    extension.forget()
+
+
+def test_engine_builds_once_into_the_build_directory(fresh_build, capfd):
+    extension.load()
+    assert "compiling the C++ engine" in capfd.readouterr().err
+    assert len(list(fresh_build.glob("fastpixel_step_*.so"))) == 1
+    extension.forget()
+    extension.load()  # another process: the cached library, no compiling
+    assert capfd.readouterr().err == ""
+
+
+def test_without_a_compiler_auto_falls_back_with_a_warning_and_forced_cext_fails(fresh_build, monkeypatch):
+    monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
+    model = tiny_model(dtype=torch.float32, image_size=(4, 4))
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ engine is unavailable.*no C\\+\\+ compiler"):
+        images = fastpixel.sample(model, 2, fast=True, seed=3)
+    assert torch.equal(images, fastpixel.sample(model, 2, fast=True, seed=3, backend="torch"))
+    with pytest.raises(BackendError, match="backend 'cext' cannot run here: no C\\+\\+ compiler"):
+        fastpixel.sample(model, 2, fast=True, backend="cext")
+    monkeypatch.setenv("FASTPIXEL_BACKEND", "cext")
+    with pytest.raises(BackendError, match="FASTPIXEL_BACKEND=cext cannot run here"):
+        fastpixel.sample(model, 2, fast=True)
