@@ -1,12 +1,15 @@
-"""Naive against cached sampling, side by side: same model, same batch, same run.
+"""Naive against cached sampling (the PyTorch path and the C++ engine), side by side: same
+model, same batch, same run.
 
-    pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/cpu.json
-    python benchmarks/report.py benchmarks/results/cpu.json
+    pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/cpu_cext.json
+    python benchmarks/report.py benchmarks/results/cpu_cext.json
 
 Naive sampling runs one full forward pass per pixel, so for the big models it is
 estimated as (one forward pass) x H*W and labelled so; it is measured in full for the
-MNIST-size model at batch 1, which checks the estimate. FASTPIXEL_BENCH_QUICK=1 shrinks
-everything to a few seconds (the test suite runs it that way).
+MNIST-size model at batch 1, which checks the estimate. The C++ engine is built before
+anything is timed, and its cases are skipped where it cannot be. The bundled MNIST model
+is timed too (cached only). FASTPIXEL_BENCH_QUICK=1 shrinks everything to a few seconds
+(the test suite runs it that way).
 """
 import os
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 import fastpixel
+from fastpixel import backend
 
 QUICK = os.environ.get("FASTPIXEL_BENCH_QUICK") == "1"
 if QUICK:
@@ -25,16 +29,18 @@ else:
         "mnist": fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=3, nr_filters=64, nr_logistic_mix=5),
         "cifar": fastpixel.ModelConfig(image_size=32, channels=3, nr_resnet=5, nr_filters=160, nr_logistic_mix=10),
     }
-    BATCHES = {"mnist": (1, 16, 64), "cifar": (1, 16, 64)}
+    BATCHES = {"bundled": (1, 16), "mnist": (1, 16, 64), "cifar": (1, 16, 64)}
     MEASURE_NAIVE = {("mnist", 1)}
-CASES = [(name, batch) for name in MODELS for batch in BATCHES[name]]
+CASES = [(name, batch) for name in BATCHES for batch in BATCHES[name]]
 ROUNDS = 1 if QUICK else 2
+# the cached sampler's backends, and the method names report.py reads
+CACHED = {"torch": "cached", "cext": "cached cext"}
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    built = {}
+    built = {} if QUICK else {"bundled": fastpixel.load("mnist").eval()}
     for name, cfg in MODELS.items():
         model = fastpixel.PixelCNNpp(cfg)
         height, width = cfg.shape
@@ -43,22 +49,31 @@ def models():
     return built
 
 
-def describe(benchmark, name, batch, method, multiplier=1):
-    cfg = MODELS[name]
+@pytest.fixture(scope="module")
+def cext_reason():
+    """Why the C++ engine cannot run here (None: it can), built now so that no timing includes the build."""
+    return backend.why_unavailable("cext", torch.device("cpu"), torch.float32)
+
+
+def describe(benchmark, name, batch, method, multiplier=1, cfg=None):
+    cfg = cfg or MODELS[name]
     benchmark.group = f"{name} batch {batch}"
     benchmark.extra_info.update(model=name, config=cfg.to_dict(), batch=batch, method=method,
                                 multiplier=multiplier, torch=torch.__version__, threads=torch.get_num_threads())
 
 
 @pytest.mark.parametrize("name, batch", CASES)
-def test_cached(benchmark, models, name, batch):
-    describe(benchmark, name, batch, "cached")
-    images = benchmark.pedantic(fastpixel.sample, args=(models[name], batch), kwargs=dict(fast=True, seed=0),
-                                rounds=ROUNDS, iterations=1)
+@pytest.mark.parametrize("engine", CACHED)
+def test_cached(benchmark, models, cext_reason, name, batch, engine):
+    if engine == "cext" and cext_reason is not None:
+        pytest.skip(cext_reason)
+    describe(benchmark, name, batch, CACHED[engine], cfg=models[name].config)
+    images = benchmark.pedantic(fastpixel.sample, args=(models[name], batch),
+                                kwargs=dict(fast=True, seed=0, backend=engine), rounds=ROUNDS, iterations=1)
     assert images.shape[0] == batch
 
 
-@pytest.mark.parametrize("name, batch", CASES)
+@pytest.mark.parametrize("name, batch", [(name, batch) for name, batch in CASES if name in MODELS])
 def test_naive_estimated(benchmark, models, name, batch):
     """One forward pass; naive sampling costs H*W of them (the report multiplies)."""
     cfg = MODELS[name]
