@@ -1,7 +1,7 @@
 """Installs fastpixel. Imports nothing heavy: an isolated build must not pull in torch.
 
-The C++ extension in csrc/ is compiled with ninja on first use (torch.utils.cpp_extension),
-not here; the Triton kernels in kernels/ install as the subpackage fastpixel.kernels.
+The C++ engine in csrc/ is compiled on first use (fastpixel/extension.py), not here; the
+Triton kernels in kernels/ install as the subpackage fastpixel.kernels.
 """
 from setuptools import setup
 
