@@ -8,8 +8,11 @@
   without a GPU.
 - `cext`: the C++ engine (`csrc/`, `fastpixel/cext_step.py`) running the same step plan
   as the Triton backend on CPU tensors, float32 or float64; compiled on first use
-  (`fastpixel/extension.py`). The default on the CPU; where it cannot be built, the
-  automatic choice warns once and takes `torch`.
+  (`fastpixel/extension.py`). The default on the CPU for steps of up to `CEXT_MAX_STEP`
+  channel-images (batch x nr_filters), where it measured faster than `torch` (single
+  threaded, it loses to PyTorch's two-thread products on larger steps:
+  benchmarks/results/cpu_cext.md). Where it cannot be built, the automatic choice warns
+  once and takes `torch`.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -25,6 +28,9 @@ import torch
 
 NAMES = ("torch", "triton", "cext")
 ENV_VAR = "FASTPIXEL_BACKEND"
+# The largest batch x nr_filters at which the C++ engine beat the PyTorch path on the CPU
+# (MNIST-size batch 16: 1024, 1.1x faster; the CIFAR configuration at batch 16: 2560, 0.8x).
+CEXT_MAX_STEP = 1024
 
 
 class BackendError(ValueError):
@@ -60,13 +66,15 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None =
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
 
 
-def choose(device: torch.device | str, requested: str | None = None, dtype: torch.dtype | None = None) -> str:
-    """The backend for tensors on `device` (of `dtype`): `requested`, else $FASTPIXEL_BACKEND,
-    else the fastest one that can run there. Raises BackendError if a forced one cannot."""
+def choose(device: torch.device | str, requested: str | None = None, dtype: torch.dtype | None = None,
+           step: int | None = None) -> str:
+    """The backend for tensors on `device` (of `dtype`, steps of `step` = batch x nr_filters
+    channel-images): `requested`, else $FASTPIXEL_BACKEND, else the fastest one that can run
+    there. Raises BackendError if a forced one cannot."""
     device = torch.device(device)
     name = requested or os.environ.get(ENV_VAR) or None
     if name is None:
-        return _automatic(device, dtype)
+        return _automatic(device, dtype, step)
     source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
     if name not in NAMES:
         raise BackendError(f"{source}: unknown backend; choose one of {', '.join(NAMES)}")
@@ -76,10 +84,11 @@ def choose(device: torch.device | str, requested: str | None = None, dtype: torc
     return name
 
 
-def _automatic(device: torch.device, dtype: torch.dtype | None) -> str:
+def _automatic(device: torch.device, dtype: torch.dtype | None, step: int | None) -> str:
     if device.type == "cuda":
         return "triton" if why_unavailable("triton", device) is None else "torch"
-    if device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64)):
+    if (device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64))
+            or (step is not None and step > CEXT_MAX_STEP)):
         return "torch"
     reason = why_unavailable("cext", device)
     if reason is None:

@@ -74,8 +74,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def prepare(args: argparse.Namespace, device: torch.device, writer: bool) -> tuple[PixelCNNpp, str]:
-    """Check everything a draw needs and load the model; return it and the backend that will run."""
+def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch: int) -> tuple[PixelCNNpp, str]:
+    """Check everything a draw needs and load the model; return it and the backend that will
+    run on batches of (at most) `batch` images."""
     if args.num_samples <= 0:
         raise UsageError(f"-n/--num-samples must be positive, got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
@@ -96,7 +97,7 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool) -> tup
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
     try:
         backend = sampling.resolve_backend(device, args.fast, _requested_backend(args),
-                                           next(model.parameters()).dtype)
+                                           next(model.parameters()).dtype, batch * model.config.nr_filters)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
     return model, backend
@@ -104,13 +105,14 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool) -> tup
 
 def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: int = 1) -> str | None:
     """Draw this rank's share of the images; on rank 0, gather all, write them and return the summary."""
-    model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0))
     n = args.num_samples
     # Rounding the bounds up gives rank 0, whose progress bar is shown, the largest share.
     first, stop = -(-rank * n // world), -(-(rank + 1) * n // world)
+    batch = max(1, min(args.batch_size or n, -(-n // world)))  # every rank's largest batch: one backend for all
+    model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0, batch=batch))
     start = time.perf_counter()
     images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=args.label,
-                             progress=rank == 0, batch_size=args.batch_size, backend=_requested_backend(args),
+                             progress=rank == 0, batch_size=args.batch_size, backend=backend if args.fast else None,
                              first=first)
     if world > 1:
         shares = [None] * world if rank == 0 else None

@@ -62,7 +62,7 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
-    name = resolve_backend(param.device, fast, backend, param.dtype)
+    name = resolve_backend(param.device, fast, backend, param.dtype, min(batch_size, n) * config.nr_filters)
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
 
@@ -84,12 +84,12 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
 
 
 def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, step: int | None = None) -> str:
     """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
-    `dtype`. Raises a ValueError (a fastpixel.backend.BackendError when it cannot run here)
-    before any work."""
+    `dtype` at steps of `step` = batch x nr_filters (fastpixel.backend.choose). Raises a
+    ValueError (a fastpixel.backend.BackendError when it cannot run here) before any work."""
     if fast or requested is not None or os.environ.get(ENV_VAR):  # the naive sampler builds nothing
-        name = choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
+        name = choose(device, requested, dtype, step)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if fast:
         return name
     if requested not in (None, "torch"):

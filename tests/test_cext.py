@@ -8,7 +8,7 @@ import torch
 
 import fastpixel
 from fastpixel import extension
-from fastpixel.backend import BackendError, choose
+from fastpixel.backend import CEXT_MAX_STEP, BackendError, choose
 from tests.conftest import tiny_model
 
 pytest.importorskip("triton")  # the engine runs the Triton backend's step plan
@@ -116,9 +116,10 @@ def test_cext_steps_in_float32_differ_only_where_a_draw_lies_on_a_bin_edge(optio
                           x_torch[i, :channel, r, c], channel)
 
 
-def test_sample_picks_cext_on_the_cpu_and_draws_the_naive_samplers_images():
+def test_sample_picks_cext_on_the_cpu_for_small_steps_and_draws_the_naive_samplers_images():
     model = tiny_model(channels=3, num_classes=2, image_size=(4, 8))
-    assert choose(CPU, dtype=torch.float64) == "cext"
+    assert choose(CPU, dtype=torch.float64) == choose(CPU, dtype=torch.float32, step=CEXT_MAX_STEP) == "cext"
+    assert choose(CPU, dtype=torch.float32, step=CEXT_MAX_STEP + 1) == choose(CPU, dtype=torch.bfloat16) == "torch"
     assert torch.equal(fastpixel.sample(model, 3, fast=True, seed=5), fastpixel.sample(model, 3, seed=5))
 
 

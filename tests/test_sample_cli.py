@@ -64,8 +64,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, a
 
 
 @pytest.mark.parametrize("args, env, message", [
-    (["--fast", "--backend", "cext"], {}, "backend 'cext' cannot run here: the C++ extension fastpixel._C is not built"),
-    (["--fast"], {"FASTPIXEL_BACKEND": "cext"}, "FASTPIXEL_BACKEND=cext cannot run here"),
+    (["--fast", "--backend", "cext"], {"CXX": "no-such-compiler"}, "backend 'cext' cannot run here: no C++ compiler"),
+    (["--fast"], {"FASTPIXEL_BACKEND": "cext", "CXX": "no-such-compiler"}, "FASTPIXEL_BACKEND=cext cannot run here"),
     (["--fast"], {"FASTPIXEL_BACKEND": "bogus"}, "FASTPIXEL_BACKEND=bogus: unknown backend"),
     pytest.param(["--fast", "--backend", "triton"], {}, "Triton kernels need CUDA tensors",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs here")),
