@@ -334,8 +334,9 @@ def sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels:
         yield from fused_sample_rows(model, x, noise, labels, on_params)
         return
     if backend == "cext":
-        from .cext_step import cext_sample_rows
-        yield from cext_sample_rows(model, x, noise, labels, on_params)
+        from .cext_step import CextSteps
+        from .fused_step import fused_sample_rows
+        yield from fused_sample_rows(model, x, noise, labels, on_params, steps_type=CextSteps)
         return
     net = CachedNetwork(model, x.shape[0], labels)
     channels, height, width = x.shape[1:]

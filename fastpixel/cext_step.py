@@ -12,7 +12,7 @@ block, when it is due, stays in PyTorch between two such calls. The per-row work
 from __future__ import annotations
 
 import ctypes
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -109,18 +109,3 @@ class CextSteps:
         for segment in self._segments[min(_due_levels(r), _due_levels(c)) - 1]:
             segment()
 
-
-def cext_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
-                     on_params: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
-    """cache.sample_rows with the C++ engine: same noise, same order, same images."""
-    if not x.is_contiguous():
-        raise ValueError("the image being filled must be contiguous")
-    steps = CextSteps(model, CachedNetwork(model, x.shape[0], labels), x, noise.contiguous())
-    height, width = x.shape[2:]
-    for r in range(height):
-        steps.start_row(r)
-        for c in range(width):
-            steps.step(r, c)
-            if on_params is not None:
-                on_params(r, c, steps.params)
-        yield r

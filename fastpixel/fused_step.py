@@ -277,12 +277,14 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
 
 
 def fused_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
-                      on_params: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
-    """cache.sample_rows with the Triton backend: same noise, same order, same images."""
+                      on_params: Callable[[int, int, torch.Tensor], None] | None = None,
+                      steps_type: type = FusedSteps) -> Iterator[int]:
+    """cache.sample_rows with the Triton backend (or, with steps_type=cext_step.CextSteps,
+    the C++ engine): same noise, same order, same images."""
     if not x.is_contiguous():
         raise ValueError("the image being filled must be contiguous")
     net = CachedNetwork(model, x.shape[0], labels)
-    steps = FusedSteps(model, net, x, noise.contiguous())
+    steps = steps_type(model, net, x, noise.contiguous())
     height, width = x.shape[2:]
     for r in range(height):
         # Triton launches on the current CUDA device: make it the model's (a no-op on the CPU)
