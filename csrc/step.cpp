@@ -12,6 +12,7 @@
 // cache's tolerances.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -29,17 +30,65 @@ struct Op {
 
 int64_t position(const Op& op, int slot) { return *op.ptr<const int32_t>(slot); }
 
-template <class T> T nl(T v, int64_t kind) {
-    if (kind == ELU || kind == CONCAT_ELU) return v > 0 ? v : std::expm1(v);
-    if (kind == RELU) return v > 0 ? v : T(0);
-    return v;
+// e^x and e^x - 1 without libm calls, so that the loops over channels that use them
+// vectorise: x = k ln2 + r (Cody-Waite: r exact), |r| <= ln2 / 2, e^r - 1 by its Taylor
+// series to below an ulp, then e^x - 1 = 2^k (e^r - 1) + (2^k - 1), which has no
+// cancellation (k = 0: e^r - 1 itself; k < 0: a result below -0.29). A few ulps in all;
+// x is clamped where e^x leaves the normal numbers (the results there are 0, -1 or huge).
+template <class T> struct ExpConstants;
+template <> struct ExpConstants<float> {
+    using Bits = int32_t;
+    static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, lowest = -87.0f, highest = 88.0f;
+    static constexpr int degree = 9, bias = 127, mantissa = 23;
+};
+template <> struct ExpConstants<double> {
+    using Bits = int64_t;
+    static constexpr double ln2_hi = 0.693145751953125, ln2_lo = 1.42860682030941723212e-6, lowest = -708.0,
+                            highest = 709.0;
+    static constexpr int degree = 13, bias = 1023, mantissa = 52;
+};
+
+// x = k ln2 + r: returns e^r - 1 and sets scale = 2^k.
+template <class T> inline T reduced_expm1(T x, T& scale) {
+    using C = ExpConstants<T>;
+    x = x < C::lowest ? C::lowest : (x > C::highest ? C::highest : x);
+    const T k = std::nearbyint(x * T(1.44269504088896340736));
+    const T r = (x - k * C::ln2_hi) - k * C::ln2_lo;
+    const typename C::Bits bits = (static_cast<typename C::Bits>(k) + C::bias) << C::mantissa;
+    std::memcpy(&scale, &bits, sizeof(T));
+    T factorial = 1;
+    for (int i = 2; i <= C::degree; ++i) factorial *= i;
+    T q = T(1) / factorial;  // Horner on 1/i!, from i = degree down to 1
+    for (int i = C::degree - 1; i >= 1; --i) {
+        factorial /= (i + 1);
+        q = q * r + T(1) / factorial;
+    }
+    return q * r;
+}
+
+template <class T> inline T fast_expm1(T x) {
+    T scale;
+    const T e = reduced_expm1(x, scale);
+    return scale * e + (scale - T(1));
+}
+
+template <class T> inline T fast_exp(T x) {
+    T scale;
+    const T e = reduced_expm1(x, scale);
+    return scale * (T(1) + e);
 }
 
 // nl(x) for one batch row: raw channels in, factor * raw channels out (concat_elu: [x, -x]).
 template <class T> void fresh(const T* x, int64_t raw, int64_t kind, T* out) {
-    for (int64_t i = 0; i < raw; ++i) out[i] = nl(x[i], kind);
-    if (kind == CONCAT_ELU)
-        for (int64_t i = 0; i < raw; ++i) out[raw + i] = nl(-x[i], kind);
+    if (kind == ELU || kind == CONCAT_ELU) {
+        for (int64_t i = 0; i < raw; ++i) out[i] = x[i] > 0 ? x[i] : fast_expm1(x[i]);
+        if (kind == CONCAT_ELU)
+            for (int64_t i = 0; i < raw; ++i) out[raw + i] = -x[i] > 0 ? -x[i] : fast_expm1(-x[i]);
+    } else if (kind == RELU) {
+        for (int64_t i = 0; i < raw; ++i) out[i] = x[i] > 0 ? x[i] : T(0);
+    } else {
+        for (int64_t i = 0; i < raw; ++i) out[i] = x[i];
+    }
 }
 
 // acc[b, i] += sum_k v[k, b] * w[k, i] for a ROWS x COLS tile held in registers while the
@@ -143,7 +192,7 @@ template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vect
         T* o = out + b * sob;
         if (gate) {  // x + a * sigmoid(b)
             const T* r = res + b * srb;
-            for (int64_t i = 0; i < n; ++i) o[i] = r[i] + row[i] * (T(1) / (T(1) + std::exp(-row[n + i])));
+            for (int64_t i = 0; i < n; ++i) o[i] = r[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
         } else {
             for (int64_t i = 0; i < n; ++i) o[i] = row[i];
         }
