@@ -7,9 +7,10 @@
 // so a pixel costs one call from Python instead of hundreds of PyTorch operators.
 //
 // Exactness: built with -ffp-contract=off, so the mixture draw rounds every operation as
-// PyTorch does (its products and sums are separate); the convolutions ask for fused
-// multiply-adds themselves (std::fma), which only changes their rounding, well within the
-// cache's tolerances.
+// PyTorch does (its products and sums are separate) with libm's exp, log, log1p and tanh;
+// the convolutions ask for fused multiply-adds themselves (std::fma) and take e^x from the
+// vectorisable functions below (a few ulps), which only changes their rounding, well
+// within the cache's tolerances.
 #include <cmath>
 #include <cstdint>
 #include <cstring>

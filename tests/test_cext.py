@@ -16,7 +16,7 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the engine with", allow_module_level=True)
 
 from fastpixel.cext_step import engine_call  # noqa: E402 -- after the skips
-from fastpixel.kernels import column_copy, mixture_sample  # noqa: E402
+from fastpixel.kernels import column_conv, column_copy, mixture_sample  # noqa: E402
 from tests import test_kernel_column_conv, test_kernel_mixture_sample  # noqa: E402
 from tests.test_fused_step import cached_run, on_an_edge  # noqa: E402
 
@@ -41,6 +41,27 @@ def in_engine(launch) -> None:
 def test_column_conv_op_matches_reference(case, dtype, monkeypatch):
     monkeypatch.setattr(test_kernel_column_conv, "DEVICE", CPU)
     test_kernel_column_conv.run(**case, dtype=dtype, call=in_engine)
+
+
+@pytest.mark.parametrize("dtype, ulps", [(torch.float32, 2.0 ** -21), (torch.float64, 2.0 ** -50)])
+def test_engine_elu_and_gate_stay_within_a_few_ulps_far_from_zero(dtype, ulps):
+    """The engine's own e^x and e^x - 1 (csrc/step.cpp), where plain randn inputs never go."""
+    magnitudes = torch.logspace(-12, 3, 200, dtype=torch.float64)
+    x = torch.cat([-magnitudes, magnitudes, torch.zeros(1, dtype=torch.float64)]).to(dtype)[None]
+    n, position = x.shape[1], torch.zeros(1, dtype=torch.int32)
+    elu = torch.empty_like(x)
+    in_engine(column_conv.ColumnConv(position, None, torch.eye(n, dtype=dtype), torch.zeros(n, dtype=dtype), elu,
+                                     width=1, kw=1, x=x, nonlinearity="elu"))
+    expected = torch.nn.functional.elu(x.double())
+    assert ((elu.double() - expected).abs() <= ulps * expected.abs()).all()
+    gated = torch.empty_like(x)  # 0 + 1 * sigmoid(x): the gate's a is its term, its b is x
+    weight = torch.cat([torch.zeros(n, n, dtype=dtype), torch.eye(n, dtype=dtype)], dim=1)
+    term = torch.cat([torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)])
+    in_engine(column_conv.ColumnConv(position, None, weight, term, gated, width=1, kw=1, x=x,
+                                     residual=torch.zeros_like(x)))
+    expected = torch.sigmoid(x.double())
+    tiny = torch.finfo(dtype).tiny  # where e^-x is clamped, sigmoid is below the normal numbers
+    assert ((gated.double() - expected).abs() <= ulps * expected.abs() + tiny).all()
 
 
 @pytest.mark.parametrize("position", [0, 47])
