@@ -109,21 +109,34 @@ void tile(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, T* acc,
         for (int j = 0; j < COLS; ++j) acc[(b0 + r) * lda + i0 + j] = c[r][j];
 }
 
+// Columns [i0, i0 + cols) of rows [b0, b0 + ROWS): whole vector tiles, then 8, then 1 at a time.
 template <class T, int ROWS>
-void tile_rows(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda, int64_t b0) {
+void tile_columns(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t b0,
+                  int64_t i0, int64_t cols) {
     constexpr int COLS = 128 / sizeof(T);  // two 512-bit registers of a row
-    int64_t i0 = 0;
-    for (; i0 + COLS <= n; i0 += COLS) tile<T, ROWS, COLS>(v, batch, k, w, ldw, acc, lda, b0, i0);
-    for (; i0 + 8 <= n; i0 += 8) tile<T, ROWS, 8>(v, batch, k, w, ldw, acc, lda, b0, i0);
-    for (; i0 < n; ++i0) tile<T, ROWS, 1>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    const int64_t end = i0 + cols;
+    if (cols == COLS) return tile<T, ROWS, COLS>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    for (; i0 + 8 <= end; i0 += 8) tile<T, ROWS, 8>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    for (; i0 < end; ++i0) tile<T, ROWS, 1>(v, batch, k, w, ldw, acc, lda, b0, i0);
 }
 
-// acc (batch, lda)[:, :n] += v (k, batch)^T @ w (k, ldw)[:, :n]
+// Products of at least this many multiply-adds are shared among OpenMP threads (PyTorch's
+// own pool, as the library links the libgomp that torch has loaded); below it, a parallel
+// region costs more than it saves (batch 1).
+constexpr int64_t PARALLEL_WORK = 1 << 18;
+
+// acc (batch, lda)[:, :n] += v (k, batch)^T @ w (k, ldw)[:, :n], the threads sharing the columns.
 template <class T>
 void gemm(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
-    int64_t b0 = 0;
-    for (; b0 + 4 <= batch; b0 += 4) tile_rows<T, 4>(v, batch, k, w, ldw, n, acc, lda, b0);
-    for (; b0 < batch; ++b0) tile_rows<T, 1>(v, batch, k, w, ldw, n, acc, lda, b0);
+    constexpr int COLS = 128 / sizeof(T);
+    const int64_t tiles = (n + COLS - 1) / COLS;
+#pragma omp parallel for schedule(static) if (batch * k * n >= PARALLEL_WORK)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t i0 = t * COLS, cols = n - i0 < COLS ? n - i0 : COLS;
+        int64_t b0 = 0;
+        for (; b0 + 4 <= batch; b0 += 4) tile_columns<T, 4>(v, batch, k, w, ldw, acc, lda, b0, i0, cols);
+        for (; b0 < batch; ++b0) tile_columns<T, 1>(v, batch, k, w, ldw, acc, lda, b0, i0, cols);
+    }
 }
 
 // kernels/column_conv.py: one output column of a shifted convolution for the whole batch.

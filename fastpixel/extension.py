@@ -26,7 +26,7 @@ from pathlib import Path
 
 SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "step.cpp"]
 # -ffp-contract=off: the mixture draw must round each operation as PyTorch does (see csrc/step.cpp)
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 
 
 class BuildError(RuntimeError):
