@@ -9,10 +9,9 @@
 - `cext`: the C++ engine (`csrc/`, `fastpixel/cext_step.py`) running the same step plan
   as the Triton backend on CPU tensors, float32 or float64; compiled on first use
   (`fastpixel/extension.py`). The default on the CPU for steps of up to `CEXT_MAX_STEP`
-  channel-images (batch x nr_filters), where it measured faster than `torch` (single
-  threaded, it loses to PyTorch's two-thread products on larger steps:
-  benchmarks/results/cpu_cext.md). Where it cannot be built, the automatic choice warns
-  once and takes `torch`.
+  channel-images (batch x nr_filters), where it measured faster than `torch` (beyond it,
+  the two were even: benchmarks/results/cpu_cext.md). Where it cannot be built, the
+  automatic choice warns once and takes `torch`.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -28,9 +27,10 @@ import torch
 
 NAMES = ("torch", "triton", "cext")
 ENV_VAR = "FASTPIXEL_BACKEND"
-# The largest batch x nr_filters at which the C++ engine beat the PyTorch path on the CPU
-# (MNIST-size batch 16: 1024, 1.1x faster; the CIFAR configuration at batch 16: 2560, 0.8x).
-CEXT_MAX_STEP = 1024
+# The largest batch x nr_filters at which the C++ engine measured faster than the PyTorch path
+# on the CPU (MNIST-size batch 64: 4096, 1.2x); the CIFAR configuration at batch 64 (10240)
+# was a tie (0.97x), every smaller step a win (benchmarks/results/cpu_cext.md).
+CEXT_MAX_STEP = 4096
 
 
 class BackendError(ValueError):
