@@ -2,6 +2,10 @@
 operators grouped by the kind of work they do, written as Markdown.
 
     python benchmarks/profile_cached.py --model mnist --batch 16 --out benchmarks/results/profile_cpu.md
+    python benchmarks/profile_cached.py --backend cext --out benchmarks/results/profile_cext.md
+
+With the C++ engine (`--backend cext`) the pixel steps run outside PyTorch's operators: the
+profiler sees the row work alone, and the rest of the wall time is the engine (and Python).
 """
 from __future__ import annotations
 
@@ -37,17 +41,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mnist")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--backend", choices=["torch", "cext"], default="torch")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_cpu.md"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = fastpixel.PixelCNNpp(MODELS[args.model]).eval()
-    fastpixel.sample(model, args.batch, fast=True, seed=0)  # warm up
+    run = dict(fast=True, seed=0, backend=args.backend)
+    fastpixel.sample(model, args.batch, **run)  # warm up
     start = time.perf_counter()
-    fastpixel.sample(model, args.batch, fast=True, seed=0)
+    fastpixel.sample(model, args.batch, **run)
     wall = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fastpixel.sample(model, args.batch, fast=True, seed=0)
+        fastpixel.sample(model, args.batch, **run)
     events = prof.key_averages()
     kinds, calls = defaultdict(float), defaultdict(int)
     for e in events:
@@ -55,7 +61,7 @@ def main(argv=None) -> None:
         kinds[kind] += e.self_cpu_time_total / 1e6
         calls[kind] += e.count
     total = sum(kinds.values())
-    lines = [f"# Cached sampling profile: {args.model}-size model, batch {args.batch}", "",
+    lines = [f"# Cached sampling profile: {args.model}-size model, batch {args.batch}, {args.backend} backend", "",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}. Wall time without the profiler: {wall:.2f} s; "
              f"operator time under the profiler: {total:.2f} s.", "",
