@@ -26,7 +26,7 @@ from .kernels.column_copy import _column_copy_kernel
 from .kernels.mixture_sample import _mixture_sample_kernel
 from .model import LEVELS, PixelCNNpp
 
-DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64)
 # op kinds (csrc/step.cpp `Kind`) and the constexprs each kernel's C++ twin reads after its arguments
 _CONSTEXPRS = {_column_conv_kernel: (0, ("KW", "STRIDE", "LEVEL", "FRESH", "STORE", "NL", "HAS_SKIP", "SKIP_NL", "GATE")),
                _column_copy_kernel: (1, ()),
@@ -74,7 +74,7 @@ class CextSteps:
     for each pixel in raster order (the same contract as FusedSteps)."""
 
     def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
-        if x.dtype not in DTYPES:
+        if x.dtype not in _DTYPES:
             raise ValueError(f"the C++ engine runs float32 and float64 models, not {x.dtype}")
         if x.device.type != "cpu":
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
