@@ -12,9 +12,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastpixel", "fastpixel.kernels"],
-    package_dir={"fastpixel": "fastpixel", "fastpixel.kernels": "kernels"},
-    package_data={"fastpixel": ["weights/*.safetensors", "weights/README.md"]},
+    # csrc/ travels as data (fastpixel/csrc/step.cpp), for the engine's build on first use
+    packages=["fastpixel", "fastpixel.kernels", "fastpixel.csrc"],
+    package_dir={"fastpixel": "fastpixel", "fastpixel.kernels": "kernels", "fastpixel.csrc": "csrc"},
+    package_data={"fastpixel": ["weights/*.safetensors", "weights/README.md"], "fastpixel.csrc": ["*.cpp"]},
     install_requires=[
         "torch",  # never pinned: GPU machines bring their own build
         "numpy",

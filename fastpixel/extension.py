@@ -24,7 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / "step.cpp"]
+# csrc/ of the source tree (an editable install), else the copy installed as fastpixel/csrc
+_TREE = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = [(_TREE if _TREE.is_dir() else Path(__file__).resolve().parent / "csrc") / "step.cpp"]
 # -ffp-contract=off: the mixture draw must round each operation as PyTorch does (see csrc/step.cpp)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 
@@ -60,6 +62,9 @@ def _cpu() -> str:
 
 
 def _library_path(compiler: str) -> Path:
+    missing = [str(source) for source in SOURCES if not source.is_file()]
+    if missing:
+        raise BuildError(f"the C++ engine's sources are missing from this installation: {', '.join(missing)}")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
