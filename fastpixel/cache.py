@@ -329,14 +329,13 @@ def sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels:
     """Fill x (B, C, H, W) in place, pixel by pixel, through the cache; yield after each row.
     Same noise, same order, same mixture sampler as the naive sampler. `backend` (see
     fastpixel.backend) picks who runs the per-pixel steps."""
-    if backend == "triton":
-        from .fused_step import fused_sample_rows
-        yield from fused_sample_rows(model, x, noise, labels, on_params)
-        return
-    if backend == "cext":
-        from .cext_step import CextSteps
-        from .fused_step import fused_sample_rows
-        yield from fused_sample_rows(model, x, noise, labels, on_params, steps_type=CextSteps)
+    if backend in ("triton", "cext"):  # the same step plan, run by Triton kernels or by the C++ engine
+        from .fused_step import FusedSteps, fused_sample_rows
+        steps_type = FusedSteps
+        if backend == "cext":
+            from .cext_step import CextSteps
+            steps_type = CextSteps
+        yield from fused_sample_rows(model, x, noise, labels, on_params, steps_type=steps_type)
         return
     net = CachedNetwork(model, x.shape[0], labels)
     channels, height, width = x.shape[1:]

@@ -19,7 +19,7 @@ import torch
 
 from . import extension
 from .cache import CachedNetwork
-from .fused_step import Advance, FusedSteps, _due_levels
+from .fused_step import Advance, FusedSteps, step_pattern
 from .kernels.bound_launch import BoundLaunch
 from .kernels.column_conv import _column_conv_kernel
 from .kernels.column_copy import _column_copy_kernel
@@ -83,14 +83,10 @@ class CextSteps:
         self._segments = [self._segments_of(due, x.dtype) for due in range(1, LEVELS + 1)]
 
     def _segments_of(self, due: int, dtype: torch.dtype) -> list[Callable[[], None]]:
-        """A step's launches (FusedSteps._run's order) as runs of packed ops, one engine call
+        """A step's launches (FusedSteps.step_launches) as runs of packed ops, one engine call
         each, with whatever is not a packable launch (the non-local block) between them."""
-        plan = self.plan
-        launches = [launch for level in range(due) for launch in plan.up_launches[level]]
-        launches += [launch for level in reversed(range(due)) for launch in plan.down_launches[level]]
-        launches += plan.finish_launches
         segments, packable = [], []
-        for launch in launches:
+        for launch in self.plan.step_launches[due]:
             if isinstance(launch, (BoundLaunch, Advance)):
                 packable.append(launch)
                 continue
@@ -106,6 +102,6 @@ class CextSteps:
         self.plan.start_row(r)
 
     def step(self, r: int, c: int) -> None:
-        for segment in self._segments[min(_due_levels(r), _due_levels(c)) - 1]:
+        for segment in self._segments[step_pattern(r, c) - 1]:
             segment()
 

@@ -51,9 +51,13 @@ class FusedSteps:
         self.left_term = self._buffer(self.width, cfg.nr_filters)
         self.params = self._buffer(cfg.num_params_out)
         self._scratch = self._buffer(cfg.nr_filters)  # a block's first convolution's output, read by its second
-        self.up_launches, ups = self._up_pass()
-        self.down_launches = self._down_pass(ups)
-        self.finish_launches = self._finish(noise)
+        up, ups = self._up_pass()
+        down = self._down_pass(ups)
+        finish = self._finish(noise)
+        # Every launch of a step at which the `due` finest levels are computed, in order.
+        self.step_launches = {due: [launch for level in range(due) for launch in up[level]]
+                              + [launch for level in reversed(range(due)) for launch in down[level]] + finish
+                              for due in range(1, LEVELS + 1)}
         self._graphs = _GraphCache(enabled=x.is_cuda)
 
     def _buffer(self, *shape: int) -> torch.Tensor:
@@ -165,24 +169,22 @@ class FusedSteps:
 
     def step(self, r: int, c: int) -> None:
         """Pixel (r, c); the device position must already point at it (it does, in raster order)."""
-        due = min(_due_levels(r), _due_levels(c))
+        due = step_pattern(r, c)
         self._graphs.run(("step", due), lambda: self._run(due))
 
     def _run(self, due: int) -> None:
-        """Every launch of a step at which the `due` finest levels are computed."""
-        for level in range(due):
-            for launch in self.up_launches[level]:
-                launch()
-        for level in reversed(range(due)):
-            for launch in self.down_launches[level]:
-                launch()
-        for launch in self.finish_launches:
+        for launch in self.step_launches[due]:
             launch()
 
 
 def _due_levels(index: int) -> int:
     """How many of the finest levels have a position at this row (or column) index."""
     return next(due for due in range(LEVELS, 0, -1) if index % (1 << (due - 1)) == 0)
+
+
+def step_pattern(r: int, c: int) -> int:
+    """How many of the finest levels are computed at pixel (r, c): 1, 2 or 3."""
+    return min(_due_levels(r), _due_levels(c))
 
 
 class _GraphCache:
@@ -267,8 +269,8 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
         x = torch.empty(batch, config.channels, *config.shape, dtype=dtype)
         noise = torch.empty(batch, config.nr_logistic_mix + config.channels, *config.shape, dtype=torch.float64)
         steps = FusedSteps(model, CachedNetwork(model, batch, labels), x, noise)
-    launches = [launch for group in steps.up_launches + steps.down_launches + [steps.finish_launches]
-                for launch in group if isinstance(launch, BoundLaunch)]
+    launches = [launch for launches in steps.step_launches.values() for launch in launches
+                if isinstance(launch, BoundLaunch)]
     specs = {}
     for launch in launches:
         fn, signature, constexprs, options = launch.aot_spec()

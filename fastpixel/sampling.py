@@ -88,13 +88,13 @@ def resolve_backend(device: torch.device | str, fast: bool, requested: str | Non
     """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
     `dtype` at steps of `step` = batch x nr_filters (fastpixel.backend.choose). Raises a
     ValueError (a fastpixel.backend.BackendError when it cannot run here) before any work."""
-    if fast or requested is not None or os.environ.get(ENV_VAR):  # the naive sampler builds nothing
-        name = choose(device, requested, dtype, step)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if fast:
-        return name
+        return choose(device, requested, dtype, step)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if requested not in (None, "torch"):
         raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
                          "the naive sampler runs plain PyTorch layers")
+    if requested is None and os.environ.get(ENV_VAR):
+        choose(device, None, dtype, step)  # a bad $FASTPIXEL_BACKEND is an error here too
     return "torch"
 
 
