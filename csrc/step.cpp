@@ -18,7 +18,10 @@
 
 namespace {
 
-enum Kind : int64_t { COLUMN_CONV = 0, COLUMN_COPY = 1, SAMPLE_PIXEL = 2, ADVANCE = 3 };
+enum Kind : int64_t {
+    COLUMN_CONV = 0, COLUMN_COPY = 1, SAMPLE_PIXEL = 2, ADVANCE = 3, ROW_SHIFT = 4, ROW_WRITE = 5, ROW_CONV = 6,
+    NONLOCAL = 7
+};
 enum Nonlinearity : int64_t { IDENTITY = 0, ELU = 1, RELU = 2, CONCAT_ELU = 3 };
 constexpr int SLOTS = 40;  // int64 slots of one op descriptor (kept in step with cext_step.py)
 
@@ -92,50 +95,76 @@ template <class T> void fresh(const T* x, int64_t raw, int64_t kind, T* out) {
     }
 }
 
-// acc[b, i] += sum_k v[k, b] * w[k, i] for a ROWS x COLS tile held in registers while the
-// whole k loop runs, so each weight row is read once per tile instead of once per image.
+// acc[m, i] += sum_k v[m, k] * w[k, i] for a ROWS x COLS tile held in registers while the
+// whole k loop runs, so each weight row is read once per tile instead of once per row.
+// Not inlined: in a function of its own the compiler keeps the tile in registers.
 template <class T, int ROWS, int COLS>
-void tile(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t b0, int64_t i0) {
+__attribute__((noinline)) void tile(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda,
+                                    int64_t m0, int64_t i0) {
     T c[ROWS][COLS];
     for (int r = 0; r < ROWS; ++r)
-        for (int j = 0; j < COLS; ++j) c[r][j] = acc[(b0 + r) * lda + i0 + j];
+        for (int j = 0; j < COLS; ++j) c[r][j] = acc[(m0 + r) * lda + i0 + j];
+    const T* vr = v + m0 * ldv;
     for (int64_t kk = 0; kk < k; ++kk) {
         const T* wr = w + kk * ldw + i0;
-        const T* vr = v + kk * batch + b0;
         for (int r = 0; r < ROWS; ++r)
-            for (int j = 0; j < COLS; ++j) c[r][j] = std::fma(vr[r], wr[j], c[r][j]);
+            for (int j = 0; j < COLS; ++j) c[r][j] = std::fma(vr[r * ldv + kk], wr[j], c[r][j]);
     }
     for (int r = 0; r < ROWS; ++r)
-        for (int j = 0; j < COLS; ++j) acc[(b0 + r) * lda + i0 + j] = c[r][j];
+        for (int j = 0; j < COLS; ++j) acc[(m0 + r) * lda + i0 + j] = c[r][j];
 }
 
-// Columns [i0, i0 + cols) of rows [b0, b0 + ROWS): whole vector tiles, then 8, then 1 at a time.
+// Columns [i0, i0 + cols) of rows [m0, m0 + ROWS): four, two and one vector registers'
+// worth at a time, then single columns.
 template <class T, int ROWS>
-void tile_columns(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t b0,
+void tile_columns(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t m0,
                   int64_t i0, int64_t cols) {
-    constexpr int COLS = 128 / sizeof(T);  // two 512-bit registers of a row
+    constexpr int VECTOR = 64 / sizeof(T);  // one 512-bit register
     const int64_t end = i0 + cols;
-    if (cols == COLS) return tile<T, ROWS, COLS>(v, batch, k, w, ldw, acc, lda, b0, i0);
-    for (; i0 + 8 <= end; i0 += 8) tile<T, ROWS, 8>(v, batch, k, w, ldw, acc, lda, b0, i0);
-    for (; i0 < end; ++i0) tile<T, ROWS, 1>(v, batch, k, w, ldw, acc, lda, b0, i0);
+    for (; i0 + 4 * VECTOR <= end; i0 += 4 * VECTOR) tile<T, ROWS, 4 * VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
+    for (; i0 + 2 * VECTOR <= end; i0 += 2 * VECTOR) tile<T, ROWS, 2 * VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
+    for (; i0 + VECTOR <= end; i0 += VECTOR) tile<T, ROWS, VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
+    for (; i0 < end; ++i0) tile<T, ROWS, 1>(v, ldv, k, w, ldw, acc, lda, m0, i0);
+}
+
+// Rows [m0, end): ROWS (6 rows x 4 registers = 24 accumulators, of the 32 registers) at a
+// time, the last few together.
+constexpr int ROWS = 6;
+template <class T>
+void tile_rows(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t m0,
+               int64_t end, int64_t i0, int64_t cols) {
+    for (; m0 + ROWS <= end; m0 += ROWS) tile_columns<T, ROWS>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+    switch (end - m0) {
+        case 5: return tile_columns<T, 5>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+        case 4: return tile_columns<T, 4>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+        case 3: return tile_columns<T, 3>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+        case 2: return tile_columns<T, 2>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+        case 1: return tile_columns<T, 1>(v, ldv, k, w, ldw, acc, lda, m0, i0, cols);
+    }
 }
 
 // Products of at least this many multiply-adds are shared among OpenMP threads (PyTorch's
 // own pool, as the library links the libgomp that torch has loaded); below it, a parallel
-// region costs more than it saves (batch 1).
+// region costs more than it saves (a pixel's step at batch 1).
 constexpr int64_t PARALLEL_WORK = 1 << 18;
 
-// acc (batch, lda)[:, :n] += v (k, batch)^T @ w (k, ldw)[:, :n], the threads sharing the columns.
+// acc (m, lda)[:, :n] += v (m, k) @ w (k, ldw)[:, :n]. The threads share tasks of a block
+// of rows by a block of columns, with at least 8 tasks when the rows allow (a whole image
+// row at batch 1 has a single block of columns).
 template <class T>
-void gemm(const T* v, int64_t batch, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
-    constexpr int COLS = 128 / sizeof(T);
-    const int64_t tiles = (n + COLS - 1) / COLS;
-#pragma omp parallel for schedule(static) if (batch * k * n >= PARALLEL_WORK)
-    for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t i0 = t * COLS, cols = n - i0 < COLS ? n - i0 : COLS;
-        int64_t b0 = 0;
-        for (; b0 + 4 <= batch; b0 += 4) tile_columns<T, 4>(v, batch, k, w, ldw, acc, lda, b0, i0, cols);
-        for (; b0 < batch; ++b0) tile_columns<T, 1>(v, batch, k, w, ldw, acc, lda, b0, i0, cols);
+void gemm(const T* v, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
+    constexpr int64_t COLUMN_BLOCK = 256 / sizeof(T);
+    const int64_t column_blocks = (n + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    const int64_t wanted = (8 + column_blocks - 1) / column_blocks;
+    const int64_t row_block = ROWS * (((m + wanted - 1) / wanted + ROWS - 1) / ROWS);
+    const int64_t row_blocks = (m + row_block - 1) / row_block;
+#pragma omp parallel for collapse(2) schedule(static) if (m * k * n >= PARALLEL_WORK)
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        for (int64_t cb = 0; cb < column_blocks; ++cb) {
+            const int64_t i0 = cb * COLUMN_BLOCK, m0 = rb * row_block;
+            const int64_t cols = n - i0 < COLUMN_BLOCK ? n - i0 : COLUMN_BLOCK;
+            tile_rows(v, k, k, w, ldw, acc, lda, m0, m0 + row_block < m ? m0 + row_block : m, i0, cols);
+        }
     }
 }
 
@@ -167,37 +196,30 @@ template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vect
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t i = 0; i < n_out; ++i) acc[b * n_out + i] = term[b * stb + col * stc + i];
 
-    // The window (kw * cin, batch), batch innermost: the cache's columns (zeros left of the
-    // padding), then with x the fresh column nl(x), also stored into the cache when asked.
+    // The windows (batch, kw * cin): the cache's columns (zeros left of the padding), then
+    // with x the fresh column nl(x), also stored into the cache when asked.
     const int64_t s_channels = skip_nl == CONCAT_ELU ? 2 * s_raw : s_raw;
-    const int64_t window = kw * cin, rows = window > s_channels ? window : s_channels;
-    scratch.resize(rows * batch + (cin > s_channels ? cin : s_channels));
+    const int64_t window = kw * cin;
+    scratch.resize(batch * (window > s_channels ? window : s_channels));
     T* columns = scratch.data();
-    T* fresh_row = columns + rows * batch;  // one image's nl(x) or nl(skip)
-    for (int64_t j = 0; j < kw; ++j) {
-        const int64_t at = first + j;
-        T* dst = columns + j * cin * batch;
-        for (int64_t b = 0; b < batch; ++b) {
-            const T* src = cache + b * scb + at * scc;
+    for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t j = 0; j < kw; ++j) {
+            const int64_t at = first + j;
+            T* dst = columns + b * window + j * cin;
             if (has_x && j == kw - 1) {
-                fresh(x + b * sxb, x_raw, nlk, fresh_row);
-                src = fresh_row;
-                if (store)
-                    for (int64_t k = 0; k < cin; ++k) cache[b * scb + at * scc + k] = fresh_row[k];
+                fresh(x + b * sxb, x_raw, nlk, dst);
+                if (store) std::memcpy(cache + b * scb + at * scc, dst, cin * sizeof(T));
             } else if (at < 0) {
-                for (int64_t k = 0; k < cin; ++k) dst[k * batch + b] = T(0);
-                continue;
+                std::memset(dst, 0, cin * sizeof(T));
+            } else {
+                std::memcpy(dst, cache + b * scb + at * scc, cin * sizeof(T));
             }
-            for (int64_t k = 0; k < cin; ++k) dst[k * batch + b] = src[k];
         }
     }
     gemm(columns, batch, window, weight, n_out, n_out, acc.data(), n_out);
 
     if (has_skip) {  // + nl(skip) @ skip_weight, a 1x1 layer on another input (never with the gate)
-        for (int64_t b = 0; b < batch; ++b) {
-            fresh(skip + b * ssb, s_raw, skip_nl, fresh_row);
-            for (int64_t k = 0; k < s_channels; ++k) columns[k * batch + b] = fresh_row[k];
-        }
+        for (int64_t b = 0; b < batch; ++b) fresh(skip + b * ssb, s_raw, skip_nl, columns + b * s_channels);
         gemm(columns, batch, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
@@ -289,6 +311,144 @@ template <class T> void sample_pixel(const Op& op) {
     }
 }
 
+// ---------------------------------------------------------------- the per-row work
+// fastpixel/cache.py CachedNetwork.start_row as ops (packed by fastpixel/cext_step.py):
+// whole rows of the u stream and the per-row terms of the ul stream, as shifts of the
+// caches' rows, writes of a fresh row, and row convolutions.
+
+// _ConvCache.new_row: every row moves up one, the newest becomes zeros. rows (B, kh, row).
+template <class T> void row_shift(const Op& op) {
+    T* rows = op.ptr<T>(0);
+    const int64_t sb = op.a[1], batch = op.a[2], kh = op.a[3], row = op.a[4];
+    for (int64_t b = 0; b < batch; ++b) {
+        T* r = rows + b * sb;
+        if (kh > 1) std::memmove(r, r + row, (kh - 1) * row * sizeof(T));
+        std::memset(r + (kh - 1) * row, 0, row * sizeof(T));
+    }
+}
+
+// _ConvCache.write of a whole row: dst[b, j] = nl(x[b, j]) for the row's columns.
+template <class T> void row_write(const Op& op) {
+    const int64_t* a = op.a;
+    const T* x = op.ptr<const T>(0);
+    T* dst = op.ptr<T>(3);
+    const int64_t sxb = a[1], sxj = a[2], sdb = a[4], sdj = a[5], batch = a[6], width = a[7], raw = a[8], nl = a[9];
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t j = 0; j < width; ++j) fresh(x + b * sxb + j * sxj, raw, nl, dst + b * sdb + j * sdj);
+}
+
+// A row of a shifted convolution (or of the transposed one's 2x2 blocks): for each output
+// column j, out[b, j] = bias[b] + sum over the kernel's rows and columns t of
+// src[b, row, stride * j + t] @ w[row, t] (columns at or past src_cols read as zeros),
+// + nl(skip[b, j]) @ skip_w; then the gate x + a * sigmoid(b) with x = res[b, j], and
+// out += that with `accumulate`. Columns of all images make the rows of one product.
+template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+    const int64_t* a = op.a;
+    const T* src = op.ptr<const T>(0);
+    const int64_t ssb = a[1], ssr = a[2], ssj = a[3], nrows = a[4], cin = a[5], kw = a[6], stride = a[7],
+                  src_cols = a[8];
+    const T* weight = op.ptr<const T>(9);
+    const T* bias = op.ptr<const T>(10);
+    const int64_t sbb = a[11];
+    const T* skip = op.ptr<const T>(12);
+    const int64_t skb = a[13], skj = a[14], s_raw = a[15], skip_nl = a[16];
+    const T* skip_w = op.ptr<const T>(17);
+    const T* res = op.ptr<const T>(18);
+    const int64_t srb = a[19], srj = a[20], gate = a[21];
+    T* out = op.ptr<T>(22);
+    const int64_t sob = a[23], soj = a[24], accumulate = a[25], batch = a[26], width = a[27], n = a[28];
+
+    const int64_t m = batch * width, n_out = gate ? 2 * n : n, k = nrows * kw * cin;
+    const int64_t s_channels = skip_w ? (skip_nl == CONCAT_ELU ? 2 * s_raw : s_raw) : 0;
+    acc.resize(m * n_out);
+    scratch.resize(m * (k > s_channels ? k : s_channels));
+    T* columns = scratch.data();  // (m, k): the window of each output position
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t j = 0; j < width; ++j) {
+            const int64_t at = b * width + j;
+            for (int64_t i = 0; i < n_out; ++i)
+                acc[at * n_out + i] = bias[b * sbb + i] + (accumulate && i < n ? out[b * sob + j * soj + i] : T(0));
+            for (int64_t r = 0; r < nrows; ++r)
+                for (int64_t t = 0; t < kw; ++t) {
+                    const int64_t column = stride * j + t;
+                    T* to = columns + at * k + (r * kw + t) * cin;
+                    if (column < src_cols)
+                        std::memcpy(to, src + b * ssb + r * ssr + column * ssj, cin * sizeof(T));
+                    else
+                        std::memset(to, 0, cin * sizeof(T));
+                }
+        }
+    gemm(columns, m, k, weight, n_out, n_out, acc.data(), n_out);
+
+    if (skip_w) {
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t j = 0; j < width; ++j)
+                fresh(skip + b * skb + j * skj, s_raw, skip_nl, columns + (b * width + j) * s_channels);
+        gemm(columns, m, s_channels, skip_w, n, n, acc.data(), n_out);
+    }
+
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t j = 0; j < width; ++j) {
+            const T* row = acc.data() + (b * width + j) * n_out;
+            T* o = out + b * sob + j * soj;
+            if (gate) {
+                const T* x = res + b * srb + j * srj;
+                for (int64_t i = 0; i < n; ++i) o[i] = x[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
+            } else {
+                for (int64_t i = 0; i < n; ++i) o[i] = row[i];
+            }
+        }
+}
+
+// ---------------------------------------------------------------- the non-local block
+// fastpixel/fused_step.py _GraphableNonLocal (cache.py _CachedNonLocal): the key and value
+// of the newest position into the cache, attention over the positions reached so far.
+template <class T> void affine(const T* x, int64_t in, const T* w, const T* bias, int64_t outs, T* y) {
+    for (int64_t i = 0; i < outs; ++i) y[i] = bias[i];
+    for (int64_t c = 0; c < in; ++c)
+        for (int64_t i = 0; i < outs; ++i) y[i] = std::fma(x[c], w[c * outs + i], y[i]);
+}
+
+template <class T> void nonlocal_block(const Op& op, std::vector<T>& scratch) {
+    const int64_t* a = op.a;
+    const int64_t width = a[1], level = a[2], row_columns = a[3], sxb = a[5], sob = a[7], batch = a[8],
+                  channels = a[9], inner = a[10], positions = a[21];
+    const int64_t p = position(op, 0);
+    const int64_t at = ((p / width) >> level) * row_columns + ((p % width) >> level);
+    const T* x = op.ptr<const T>(4);
+    T* out = op.ptr<T>(6);
+    T* keys = op.ptr<T>(19);
+    T* values = op.ptr<T>(20);
+    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(inner)));
+    scratch.resize(2 * inner + positions);
+    T* query = scratch.data();
+    T* y = query + inner;
+    T* weights = y + inner;
+    for (int64_t b = 0; b < batch; ++b) {
+        const T* xb = x + b * sxb;
+        T* kb = keys + b * positions * inner;
+        T* vb = values + b * positions * inner;
+        affine(xb, channels, op.ptr<const T>(11), op.ptr<const T>(12), inner, query);
+        affine(xb, channels, op.ptr<const T>(13), op.ptr<const T>(14), inner, kb + at * inner);
+        affine(xb, channels, op.ptr<const T>(15), op.ptr<const T>(16), inner, vb + at * inner);
+        T largest = -INFINITY;
+        for (int64_t j = 0; j <= at; ++j) {
+            T score = 0;
+            for (int64_t i = 0; i < inner; ++i) score = std::fma(kb[j * inner + i], query[i], score);
+            weights[j] = score * scale;
+            largest = weights[j] > largest ? weights[j] : largest;
+        }
+        T total = 0;
+        for (int64_t j = 0; j <= at; ++j) total += (weights[j] = std::exp(weights[j] - largest));
+        for (int64_t i = 0; i < inner; ++i) y[i] = 0;
+        for (int64_t j = 0; j <= at; ++j)
+            for (int64_t i = 0; i < inner; ++i) y[i] = std::fma(weights[j] / total, vb[j * inner + i], y[i]);
+        T* ob = out + b * sob;
+        affine(y, inner, op.ptr<const T>(17), op.ptr<const T>(18), channels, ob);
+        for (int64_t c = 0; c < channels; ++c) ob[c] += xb[c];
+    }
+}
+
 template <class T> void run(const Op* ops, int64_t count) {
     thread_local std::vector<T> acc, scratch;  // grown once, reused by every later step
     for (int64_t i = 0; i < count; ++i) {
@@ -298,6 +458,10 @@ template <class T> void run(const Op* ops, int64_t count) {
             case COLUMN_COPY: column_copy<T>(op); break;
             case SAMPLE_PIXEL: sample_pixel<T>(op); break;
             case ADVANCE: *op.ptr<int32_t>(0) += 1; break;
+            case ROW_SHIFT: row_shift<T>(op); break;
+            case ROW_WRITE: row_write<T>(op); break;
+            case ROW_CONV: row_conv<T>(op, acc, scratch); break;
+            case NONLOCAL: nonlocal_block<T>(op, scratch); break;
         }
     }
 }

@@ -59,8 +59,6 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None =
             return f"the C++ engine runs on CPU tensors, and the model is on {device.type}"
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             return f"the C++ engine runs float32 and float64 models, not {dtype}"
-        if importlib.util.find_spec("triton") is None:
-            return "the C++ engine runs the Triton backend's step plan, and Triton is not installed (pip install triton)"
         from . import extension
         return extension.why_unavailable()
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")

@@ -55,8 +55,10 @@ class _ConvCache:
         self.bias = (layer.b.detach() if bias is None else bias).expand(batch, out_channels)
         self.rows = self.weight.new_zeros(batch, kh, left + width + right, in_channels)
         self.left, self.width, self.stride = left, width, layer.stride
-        # The newest row's share of the filter, ordered like a flattened window (kw, Cin).
-        self.newest_weight = self.weight[:, :, -1].permute(2, 1, 0).reshape(self.kw * in_channels, out_channels).contiguous()
+        # The filter as one matrix whose rows follow a flattened window (kh, kw, Cin); the newest
+        # row's share is its last kw * Cin rows, the older rows' share the ones before.
+        self.window_weight = self.weight.permute(2, 3, 1, 0).reshape(kh * self.kw * in_channels, out_channels).contiguous()
+        self.newest_weight = self.window_weight[(kh - 1) * self.kw * in_channels:]
         out_width = (left + width + right - self.kw) // self.stride + 1
         # (B, Wout, Cout), refilled in place by start_pixels: a fixed buffer, which captured steps may read
         self.from_older = self.weight.new_zeros(batch, out_width, out_channels)

@@ -1,13 +1,15 @@
-"""The cached sampler's pixel step in C++ (`csrc/step.cpp`): the Triton backend's step plan,
-run by the CPU engine.
+"""The cached sampler's steps in C++ (`csrc/step.cpp`): the same work as `CachedNetwork`,
+on the same buffers, packed once into op descriptors and run by the CPU engine.
 
-The model is walked once, by `fused_step.FusedSteps`, into a fixed list of bound launches
-over `CachedNetwork`'s buffers (column convolutions, column copies, the mixture draw, the
-position's advance). Here each launch is packed, when the sampler is built, into one op
-descriptor for the engine: the same arguments its Triton kernel gets, tensors as
-addresses. A step is then one call into C++ per run of packed ops; only the non-local
-block, when it is due, stays in PyTorch between two such calls. The per-row work
-(`CachedNetwork.start_row`: a few large convolutions per row) stays in PyTorch too.
+- A pixel's step is the Triton backend's step plan: `fused_step.FusedSteps` walks the
+  model once into a fixed list of bound launches (column convolutions, column copies, the
+  non-local block, the mixture draw, the position's advance); each is packed here into one
+  op descriptor holding the arguments its Triton kernel gets, tensors as addresses.
+- A row's work is `CachedNetwork.start_row` walked the same way (`_RowOps`): shifts of the
+  caches' rows, writes of a fresh row, and row convolutions (the u stream's blocks and
+  the ul stream's per-row terms), plus the fused input layer's per-row term.
+
+A step or a row is then one call into C++, with no PyTorch operator on the way.
 """
 from __future__ import annotations
 
@@ -18,60 +20,232 @@ import numpy as np
 import torch
 
 from . import extension
-from .cache import CachedNetwork
-from .fused_step import Advance, FusedSteps, step_pattern
-from .kernels.bound_launch import BoundLaunch
-from .kernels.column_conv import _column_conv_kernel
-from .kernels.column_copy import _column_copy_kernel
-from .kernels.mixture_sample import _mixture_sample_kernel
+from .cache import CachedNetwork, _Block, _ConvCache, _Pointwise
+from .fused_step import Advance, FusedSteps, _GraphableNonLocal, step_pattern
+from .kernels.ops import NONLINEARITIES, ColumnConv, ColumnCopy, Op, SamplePixel
 from .model import LEVELS, PixelCNNpp
 
 _DTYPES = (torch.float32, torch.float64)
-# op kinds (csrc/step.cpp `Kind`) and the constexprs each kernel's C++ twin reads after its arguments
-_CONSTEXPRS = {_column_conv_kernel: (0, ("KW", "STRIDE", "LEVEL", "FRESH", "STORE", "NL", "HAS_SKIP", "SKIP_NL", "GATE")),
-               _column_copy_kernel: (1, ()),
-               _mixture_sample_kernel: (2, ("CHANNELS", "HAS_IMAGE"))}
-_ADVANCE = 3
+# op kinds (csrc/step.cpp `Kind`), and the constexprs each Triton kernel's C++ twin reads after its arguments
+_CONSTEXPRS = {ColumnConv: (0, ("KW", "STRIDE", "LEVEL", "FRESH", "STORE", "NL", "HAS_SKIP", "SKIP_NL", "GATE")),
+               ColumnCopy: (1, ()),
+               SamplePixel: (2, ("CHANNELS", "HAS_IMAGE"))}
+_ADVANCE, _ROW_SHIFT, _ROW_WRITE, _ROW_CONV, _NONLOCAL = 3, 4, 5, 6, 7
+
+Value = "torch.Tensor | int | None"
 
 
-def _pack(launch: BoundLaunch | Advance, slots: int) -> np.ndarray:
-    """One op descriptor: its kind, then the launch's arguments (tensors as addresses)."""
-    if isinstance(launch, Advance):
-        kind, values = _ADVANCE, [launch.position]
-    else:
-        kind, names = _CONSTEXPRS[launch.kernel]
-        values = [*launch.args, *(int(launch.constexprs[name]) for name in names)]
+def _op(kind: int, values: list, slots: int) -> np.ndarray:
+    """One op descriptor: its kind, then its arguments (tensors as addresses, None as 0)."""
     for value in values:
         if isinstance(value, torch.Tensor) and value.dtype == torch.int64:
             raise ValueError("the C++ engine reads the position as int32")
+    if len(values) >= slots:
+        raise ValueError(f"an op has {len(values)} arguments, more than the engine's {slots - 1}")
     op = np.zeros(slots, dtype=np.int64)
     op[0] = kind
-    op[1:1 + len(values)] = [v.data_ptr() if isinstance(v, torch.Tensor) else int(v) for v in values]
+    op[1:1 + len(values)] = [0 if v is None else v.data_ptr() if isinstance(v, torch.Tensor) else int(v) for v in values]
     return op
 
 
-def engine_call(launches: list[BoundLaunch | Advance], dtype: torch.dtype) -> Callable[[], None]:
-    """One call into the engine that runs `launches` in order, on tensors of `dtype`
-    (float32 or float64), packed now. Raises extension.BuildError when there is no engine."""
-    library = extension.load()
-    run = library.fp_run_float64 if dtype == torch.float64 else library.fp_run_float32
-    return _Ops(run, [_pack(launch, library.fp_op_slots()) for launch in launches])
+def _pack(launch: Op | Advance | _GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
+    """A step plan's launch as an op. Tensors made here for the engine go into `keep`."""
+    if isinstance(launch, Advance):
+        return _op(_ADVANCE, [launch.position], slots)
+    if isinstance(launch, _GraphableNonLocal):
+        block, x = launch.block, launch.x
+        layers = [(layer.weight.t().contiguous(), layer.bias) for layer in (block.query, block.key, block.value, block.out)]
+        keep.extend(layers)
+        inner = block.keys.shape[2]
+        return _op(_NONLOCAL, [launch.position, launch.width, launch.level, launch.width >> launch.level,
+                               x, x.stride(0), launch.out, launch.out.stride(0), x.shape[0], x.shape[1], inner,
+                               *(t for layer in layers for t in layer), block.keys, block.values, block.keys.shape[1]],
+                   slots)
+    kind, names = _CONSTEXPRS[type(launch)]
+    return _op(kind, [*launch.args, *(int(launch.constexprs[name]) for name in names)], slots)
 
 
 class _Ops:
     """A run of packed ops: one call into the engine."""
 
-    def __init__(self, run: Callable[[ctypes.c_void_p, int], None], ops: list[np.ndarray]):
-        self.ops = np.stack(ops)  # kept here: the engine reads it at every call
+    def __init__(self, run: Callable[[ctypes.c_void_p, int], None], ops: list[np.ndarray], keep: list):
+        self.ops, self.keep = np.stack(ops), keep  # kept here: the engine reads them at every call
         self.run, self.address, self.count = run, ctypes.c_void_p(self.ops.ctypes.data), len(ops)
 
     def __call__(self) -> None:
         self.run(self.address, self.count)
 
 
+def _engine(dtype: torch.dtype) -> tuple[Callable[[ctypes.c_void_p, int], None], int]:
+    """The engine's entry point for `dtype` and its op size. Raises extension.BuildError."""
+    library = extension.load()
+    return library.fp_run_float64 if dtype == torch.float64 else library.fp_run_float32, library.fp_op_slots()
+
+
+def engine_call(launches: list, dtype: torch.dtype) -> Callable[[], None]:
+    """One call into the engine that runs a step plan's `launches` in order, on tensors of
+    `dtype` (float32 or float64), packed now. Raises extension.BuildError when there is no engine."""
+    run, slots = _engine(dtype)
+    keep: list = []
+    return _Ops(run, [_pack(launch, slots, keep) for launch in launches], keep)
+
+
+class _RowOps:
+    """CachedNetwork.start_row as ops over the network's own buffers, plus the fused input
+    layer's per-row term (FusedSteps.left_term). Which ops run depends only on whether the
+    row is the first and on its index mod 4 (the levels due, and which row of the coarser
+    levels' 2-row buffers is read), so there are at most five lists, each packed once."""
+
+    def __init__(self, model: PixelCNNpp, net: CachedNetwork, left_term: torch.Tensor):
+        self.net, self.left_term = net, left_term
+        self.nl = NONLINEARITIES.index(model.config.resnet_nonlinearity)
+        self.run, self.slots = _engine(left_term.dtype)
+        self.keep: list[torch.Tensor] = []  # what the engine reads and no one else holds
+        batch, width, nf = left_term.shape
+        widths = [width >> level for level in range(LEVELS)]
+        new = left_term.new_zeros
+        self.up = [[new(batch, w, nf) for _ in range(len(net.up_u[level]) + 1)] for level, w in enumerate(widths)]
+        self.down = [[new(batch, w, nf) for _ in net.down_u[level]] for level, w in enumerate(widths)]
+        self.scratch = [new(batch, w, nf) for w in widths]  # a block's first convolution's output
+        self.plans: dict[tuple[bool, int], _Ops] = {}
+
+    def __call__(self, r: int) -> None:
+        key = (r == 0, r % 4)
+        if key not in self.plans:
+            self.plans[key] = _Ops(self.run, self._walk(r), self.keep)
+        self.plans[key]()
+
+    def _walk(self, r: int) -> list[np.ndarray]:
+        """The ops of row r, in the order of CachedNetwork.start_row."""
+        net, ops = self.net, []
+        levels = [level for level in range(LEVELS) if r % (1 << level) == 0]
+        for level in levels:
+            ops += [self._shift(cache) for cache in net.caches_of_level[level]]
+        u = self.up[0][0]
+        if r == 0:  # down_shift: the first row sees zeros
+            ops += [self._zeros(u), self._zeros(self.left_term)]
+        else:
+            ops += [self._conv(net.u_init, u), self._conv(net.ul_init_above, self.left_term)]
+        ops += [self._shift(net.u_init), self._shift(net.ul_init_above)]
+        # right_shift: column c reads ul_init_left's column c - 1
+        ops.append(self._conv(net.ul_init_left, self.left_term[:, 1:], older=True, accumulate=True))
+
+        for level in levels:
+            acts = self.up[level]
+            if level > 0:
+                ops.append(self._conv(net.downsample_u[level - 1], acts[0]))
+                ops.append(self._conv(net.downsample_ul[level - 1], net.downsample_ul[level - 1].from_older, older=True))
+            for block, x, out in zip(net.up_u[level], acts, acts[1:]):
+                ops += self._block(block, x, out, level)
+            if level < LEVELS - 1:
+                ops.append(self._write(acts[-1], net.downsample_u[level], NONLINEARITIES.index("identity")))
+            for block, skip, x in zip(net.up_ul[level], net.up_ul_skip[level], acts[1:]):
+                ops += self._start_pixels(block, skip, x)
+
+        for level in reversed(levels):
+            acts = self.up[level]
+            if level == LEVELS - 1:
+                u, skips = acts[-1], acts[-2::-1]
+            else:
+                u, skips = net.u_from_below[level][:, (r >> level) % 2], acts[::-1]
+            for block, skip, ul_block, (u_half, _), x, out in zip(net.down_u[level], net.down_u_skip[level],
+                                                                  net.down_ul[level], net.down_ul_skip[level],
+                                                                  skips, self.down[level]):
+                ops += self._block(block, u, out, level, skip=(x, skip))
+                ops += self._start_pixels(ul_block, u_half, out)
+                u = out
+            if level > 0:
+                ops += self._upsample(level - 1, u)
+        return ops
+
+    # ------------------------------------------------------------------ ops
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        self.keep.append(t)
+        return t
+
+    def _shift(self, cache: _ConvCache) -> np.ndarray:
+        rows = cache.rows
+        return _op(_ROW_SHIFT, [rows, rows.stride(0), rows.shape[0], rows.shape[1], rows.stride(1)], self.slots)
+
+    def _write(self, x: torch.Tensor, cache: _ConvCache, nl: int) -> np.ndarray:
+        dst = cache.rows[:, -1, cache.left:]
+        return _op(_ROW_WRITE, [x, x.stride(0), x.stride(1), dst, dst.stride(0), dst.stride(1),
+                                x.shape[0], cache.width, x.shape[2], nl], self.slots)
+
+    def _row_conv(self, src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, *,
+                  kw: int = 1, stride: int = 1, skip: tuple[torch.Tensor, _Pointwise] | None = None,
+                  residual: torch.Tensor | None = None, accumulate: bool = False) -> np.ndarray:
+        """out (B, W, N) from src (B, rows, columns, CIN) through weight (rows * kw * CIN, N
+        or 2N with the gate), bias (B or broadcast, N or 2N); see csrc/step.cpp row_conv."""
+        batch, width, n = out.shape
+        if src.stride(3) != 1 or weight.stride(1) != 1 or out.stride(2) != 1:
+            raise ValueError("the engine's row convolutions read and write contiguous channels")
+        bias = self._kept(bias.expand(batch, -1))  # per image or broadcast (stride 0), channels contiguous
+        x, skip_weight = (None, None) if skip is None else (skip[0], self._kept(skip[1].weight.t().contiguous()))
+        return _op(_ROW_CONV, [
+            src, src.stride(0), src.stride(1), src.stride(2), src.shape[1], src.shape[3], kw, stride, src.shape[2],
+            self._kept(weight.contiguous()), bias, bias.stride(0),
+            x, *((x.stride(0), x.stride(1), x.shape[2]) if x is not None else (0, 0, 0)), self.nl, skip_weight,
+            residual, *((residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)), residual is not None,
+            out, out.stride(0), out.stride(1), accumulate, batch, width, n], self.slots)
+
+    def _conv(self, cache: _ConvCache, out: torch.Tensor, *, older: bool = False, skip=None, residual=None,
+              accumulate: bool = False) -> np.ndarray:
+        """The cache's whole output row (`conv()`), or with `older` the share of its rows
+        above the newest plus its bias (`start_pixels`), + a skip input through its 1x1 layer."""
+        kh = cache.rows.shape[1] - (1 if older else 0)
+        weight = cache.window_weight[:kh * cache.kw * cache.rows.shape[3]]
+        bias = cache.bias if skip is None else self._kept(cache.bias + skip[1].bias)
+        return self._row_conv(cache.rows[:, :kh], weight, bias, out, kw=cache.kw, stride=cache.stride, skip=skip,
+                              residual=residual, accumulate=accumulate)
+
+    def _zeros(self, out: torch.Tensor) -> np.ndarray:
+        """out = 0: a row convolution over no rows with a zero bias."""
+        return self._row_conv(out[:, None][:, :0], out.new_zeros(0, out.shape[2]), self._kept(out.new_zeros(out.shape[2])),
+                              out)
+
+    def _block(self, block: _Block, x: torch.Tensor, out: torch.Tensor, level: int, skip=None) -> list[np.ndarray]:
+        """_Block on a whole row: x in, out = x + a * sigmoid(b)."""
+        c = self.scratch[level]
+        return [self._write(x, block.conv_in, self.nl),
+                self._conv(block.conv_in, c, skip=skip),
+                self._write(c, block.conv_out, self.nl),
+                self._conv(block.conv_out, out, residual=x)]
+
+    def _start_pixels(self, block: _Block, skip: _Pointwise, x: torch.Tensor) -> list[np.ndarray]:
+        """_Block.start_pixels(skip(nl(x)))."""
+        return [self._conv(block.conv_in, block.conv_in.from_older, older=True, skip=(x, skip)),
+                self._conv(block.conv_out, block.conv_out.from_older, older=True)]
+
+    def _upsample(self, level: int, u: torch.Tensor) -> list[np.ndarray]:
+        """The transposed convolution from level + 1 into the two rows of u_from_below[level]:
+        per output row, a row convolution whose outputs are pairs of columns."""
+        layer, weight, bias = self.net.upsample_u[level]
+        rows = self.net.u_from_below[level]
+        batch, _, width, nf = rows.shape
+        pairs = _pair_weights(layer, weight)
+        return [self._row_conv(u[:, None], pairs[dy], bias.repeat(2), rows[:, dy].reshape(batch, width // 2, 2 * nf),
+                               kw=pairs.shape[1] // weight.shape[0]) for dy in range(2)]
+
+
+def _pair_weights(layer, weight: torch.Tensor) -> torch.Tensor:
+    """A stride-2 transposed convolution's weight (CIN, COUT, kh, kw), cropped as
+    `layer.linear` crops it, as per-output-row matrices (kh, taps * CIN, 2 * COUT): output
+    columns 2m and 2m + 1 of row dy are the input columns m .. m + taps - 1 times matrix dy."""
+    cin, cout, kh, kw = weight.shape
+    left = (kw - 1) // 2 if layer.shift == "down" else 0  # the crop, as in ShiftedConvTranspose2d.linear
+    # output column 2m + e (after the crop) = input column m + d through kernel column kx = e + left - 2d
+    taps = {(e, kx): (e + left - kx) // 2 for e in range(2) for kx in range(kw) if (e + left - kx) % 2 == 0}
+    assert min(taps.values()) >= 0, "the crop reads no column left of the pair's own"
+    pairs = weight.new_zeros(kh, max(taps.values()) + 1, cin, 2, cout)
+    for (e, kx), d in taps.items():
+        pairs[:, d, :, e] = weight[:, :, :, kx].permute(2, 0, 1)
+    return pairs.flatten(1, 2).flatten(2)
+
+
 class CextSteps:
-    """FusedSteps' pixel steps, each run by the C++ engine: `start_row(r)`, then `step(r, c)`
-    for each pixel in raster order (the same contract as FusedSteps)."""
+    """The cached sampler run by the C++ engine, row by row and pixel by pixel:
+    `start_row(r)`, then `step(r, c)` for each pixel in raster order (FusedSteps' contract)."""
 
     def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
         if x.dtype not in _DTYPES:
@@ -80,28 +254,11 @@ class CextSteps:
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
         self.plan = FusedSteps(model, net, x, noise)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
-        self._segments = [self._segments_of(due, x.dtype) for due in range(1, LEVELS + 1)]
-
-    def _segments_of(self, due: int, dtype: torch.dtype) -> list[Callable[[], None]]:
-        """A step's launches (FusedSteps.step_launches) as runs of packed ops, one engine call
-        each, with whatever is not a packable launch (the non-local block) between them."""
-        segments, packable = [], []
-        for launch in self.plan.step_launches[due]:
-            if isinstance(launch, (BoundLaunch, Advance)):
-                packable.append(launch)
-                continue
-            if packable:
-                segments.append(engine_call(packable, dtype))
-                packable = []
-            segments.append(launch)
-        if packable:
-            segments.append(engine_call(packable, dtype))
-        return segments
+        self._steps = [engine_call(self.plan.step_launches[due], x.dtype) for due in range(1, LEVELS + 1)]
+        self._rows = _RowOps(model, net, self.plan.left_term)
 
     def start_row(self, r: int) -> None:
-        self.plan.start_row(r)
+        self._rows(r)
 
     def step(self, r: int, c: int) -> None:
-        for segment in self._segments[step_pattern(r, c) - 1]:
-            segment()
-
+        self._steps[step_pattern(r, c) - 1]()

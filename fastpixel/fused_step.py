@@ -28,10 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from .cache import CachedNetwork
-from .kernels.column_conv import ColumnConv
-from .kernels.column_copy import Column, ColumnCopy
-from .kernels.bound_launch import BoundLaunch
-from .kernels.mixture_sample import bind_sample_pixel
+from .kernels.ops import Column, ColumnConv, ColumnCopy, Op, SamplePixel
 from .model import LEVELS, PixelCNNpp
 
 Launch = Callable[[], None]
@@ -145,7 +142,7 @@ class FusedSteps:
         pixel = self._buffer(channels)
         constants = net.constant_features.flatten(0, 1).contiguous()[None]  # (1, H * W, n): read at p
         launches: list[Launch] = [
-            bind_sample_pixel(self.params, noise.flatten(2), pos, channels, pixel, self.image.flatten(2)),
+            SamplePixel(self.params, noise.flatten(2), pos, channels, pixel, self.image.flatten(2)),
             ColumnCopy(pos, pixel[:, None], features[:, None], channels, width=width),
             ColumnCopy(pos, constants, features[:, None, channels:], constants.shape[-1], width=width,
                        src_at=Column(scale=1, row_mask=-1, row_columns=width)),
@@ -236,7 +233,7 @@ class _GraphableNonLocal:
     are masked by an additive bias of -inf, so every shape stays fixed."""
 
     def __init__(self, block, position: torch.Tensor, x: torch.Tensor, width: int, level: int):
-        self.block, self.x = block, x
+        self.block, self.x, self.position, self.width, self.level = block, x, position, width, level
         self.out = torch.empty_like(x)
         self.key, self.value = torch.empty_like(block.keys[:, 0]), torch.empty_like(block.keys[:, 0])
         positions = block.keys.shape[1]
@@ -270,7 +267,7 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
         noise = torch.empty(batch, config.nr_logistic_mix + config.channels, *config.shape, dtype=torch.float64)
         steps = FusedSteps(model, CachedNetwork(model, batch, labels), x, noise)
     launches = [launch for launches in steps.step_launches.values() for launch in launches
-                if isinstance(launch, BoundLaunch)]
+                if isinstance(launch, Op)]
     specs = {}
     for launch in launches:
         fn, signature, constexprs, options = launch.aot_spec()

@@ -9,9 +9,10 @@ here. The cached sampler's per-pixel work (`fastpixel/fused_step.py`) is made of
 - `column_copy`: a column of channels moved between buffers at the current pixel;
 - `mixture_sample`: a pixel drawn from the discretised logistic mixture.
 
-Their launchers bind a launch to its tensors once (`bound_launch.BoundLaunch`) and read the
-pixel's position from a device tensor, so a CUDA graph can replay them. Kernels are tested
-on the CPU under TRITON_INTERPRET=1 and on a GPU when one is present;
+What each computes on which tensors is an op bound once (`ops.py`: ColumnConv, ColumnCopy,
+SamplePixel) that reads the pixel's position from a device tensor, so a CUDA graph can
+replay it; `ops.py` does not import Triton, and the C++ engine runs the same ops. Kernels
+are tested on the CPU under TRITON_INTERPRET=1 and on a GPU when one is present;
 tests/test_kernels_compile.py compiles every launch the fused sampler makes for sm_80 and
 sm_90 on any machine.
 """

@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bound_launch import BoundLaunch, check as _check
-
-NONLINEARITIES = ("identity", "elu", "relu", "concat_elu")
+from .ops import ColumnConv
 
 
 # --------------------------------------------------------------------------- reference
@@ -185,53 +183,7 @@ def constexprs(batch: int, dtype: torch.dtype) -> dict:
                 ACC=tl.float64 if wide else tl.float32)
 
 
-class ColumnConv(BoundLaunch):
-    """One convolution column, bound to its tensors once so that each pixel is one launch
-    (`__call__`), with no allocation, host synchronisation or shape check on the way."""
-
-    def __init__(self, position: torch.Tensor, cache: torch.Tensor | None, weight: torch.Tensor, term: torch.Tensor,
-                 out: torch.Tensor, *, width: int, kw: int, stride: int = 1, level: int = 0, col_shift: int = 0,
-                 x: torch.Tensor | None = None, nonlinearity: str = "identity", store: bool = False,
-                 skip: tuple[torch.Tensor, torch.Tensor, str] | None = None, residual: torch.Tensor | None = None):
-        batch, n = out.shape
-        gate = residual is not None
-        factor = 2 if nonlinearity == "concat_elu" else 1
-        if cache is None:  # a 1x1 layer on the fresh column alone: nothing cached to read or write
-            _check(kw == 1 and x is not None and not store, "only a 1x1 layer on a fresh column x needs no cache")
-            cache = x.new_empty(batch, 1, factor * x.shape[1])
-        cin = cache.shape[2]
-        n_out = 2 * n if gate else n
-        _check(position.numel() == 1 and not position.is_floating_point(), "position must be one integer")
-        _check(cache.dim() == 3 and cache.shape[0] == batch and cache.stride(2) == 1,
-               f"cache must be (B={batch}, width, CIN) with contiguous channels, got {tuple(cache.shape)}")
-        _check(weight.shape == (kw * cin, n_out) and weight.is_contiguous(),
-               f"weight must be contiguous ({kw * cin}, {n_out}), got {tuple(weight.shape)}")
-        _check(term.stride(-1) == 1 and term.shape[-1] == n_out, f"term must end in {n_out} contiguous channels")
-        _check(out.stride(1) == 1, "out must have contiguous channels")
-        _check(nonlinearity in NONLINEARITIES, f"nonlinearity must be one of {NONLINEARITIES}")
-        if x is not None:
-            _check(x.shape[0] == batch and factor * x.shape[1] == cin and x.stride(1) == 1,
-                   f"x must be (B, {cin // factor}) with contiguous channels, got {tuple(x.shape)}")
-        _check(not store or x is not None, "store needs the fresh column x")
-        _check(not (gate and skip is not None), "a gated column takes no skip input (add it to the column before)")
-        if skip is not None:
-            s, s_weight, s_nl = skip
-            s_factor = 2 if s_nl == "concat_elu" else 1
-            _check(s.stride(1) == 1 and s_weight.shape == (s_factor * s.shape[1], n) and s_weight.is_contiguous(),
-                   "skip must be (input (B, S) with contiguous channels, contiguous weight (factor * S, N), nonlinearity)")
-        tensors = [position, cache, weight, term, out] + [t for t in (x, residual) if t is not None]
-        _check(len({t.device for t in tensors}) == 1, "all tensors must be on one device")
-
-        dummy = out  # a valid pointer for the arguments a variant does not read
-        x_ = x if x is not None else dummy
-        s, s_weight, s_nl = skip if skip is not None else (dummy, dummy, "identity")
-        r = residual if residual is not None else dummy
-        term_b, term_c = (0, 0) if term.dim() == 1 else (term.stride(0), term.stride(1))
-        meta = constexprs(batch, out.dtype)
-        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
-        args = (position, cache, cache.stride(0), cache.stride(1), weight, term, term_b, term_c,
-                     x_, x_.stride(0), s, s.stride(0), s_weight, r, r.stride(0), out, out.stride(0),
-                     batch, n, cin, x_.shape[-1], s.shape[-1], width, col_shift)
-        super().__init__(_column_conv_kernel, grid, args, dict(
-            KW=kw, STRIDE=stride, LEVEL=level, FRESH=x is not None, STORE=store, NL=NONLINEARITIES.index(nonlinearity),
-            HAS_SKIP=skip is not None, SKIP_NL=NONLINEARITIES.index(s_nl), GATE=gate, **meta))
+def launch_config(op: ColumnConv) -> tuple:
+    """(kernel, grid, block sizes, options) of a bound ColumnConv."""
+    blocks = constexprs(op.batch, op.dtype)
+    return _column_conv_kernel, (triton.cdiv(op.batch, blocks["BLOCK_B"]), triton.cdiv(op.n, blocks["BLOCK_N"])), blocks, {}

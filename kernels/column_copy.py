@@ -13,28 +13,11 @@ the pixel's column, `Column(row_mask=-1, row_columns=width, scale=1)` the flat i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .bound_launch import BoundLaunch
-
-
-@dataclass(frozen=True)
-class Column:
-    """Which column of a (B, columns, channels) buffer a pixel's step touches."""
-
-    level: int = 0
-    scale: int = 0
-    offset: int = 0
-    row_mask: int = 0
-    row_columns: int = 0
-
-    def at(self, position: int, width: int) -> int:
-        row, col = divmod(position, width)
-        return self.scale * (col >> self.level) + self.offset + ((row >> self.level) & self.row_mask) * self.row_columns
+from .ops import Column, ColumnCopy
 
 
 # --------------------------------------------------------------------------- reference
@@ -79,27 +62,8 @@ def constexprs(batch: int) -> dict:
     return dict(BLOCK_B=min(triton.next_power_of_2(max(batch, 1)), 16), BLOCK_C=64)
 
 
-class ColumnCopy(BoundLaunch):
-    """A copy bound to its buffers once; each call is one launch (graph-capturable)."""
-
-    def __init__(self, position: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, count: int, *, width: int,
-                 src_at: Column = Column(), dst_at: Column = Column()):
-        if position.numel() != 1 or position.is_floating_point():
-            raise ValueError("position must be one integer")
-        if src.dim() != 3 or dst.dim() != 3 or 1 not in (src.stride(2), src.shape[2]) or 1 not in (dst.stride(2), dst.shape[2]):
-            raise ValueError("src and dst must be (B, columns, channels) with contiguous channels")
-        if src.dtype != dst.dtype or src.device != dst.device or position.device != dst.device:
-            raise ValueError("src and dst must share a dtype, and position their device")
-        if src.shape[0] not in (1, dst.shape[0]):
-            raise ValueError(f"src must have batch {dst.shape[0]} or 1, got {src.shape[0]}")
-        batch = dst.shape[0]
-        meta = constexprs(batch)
-        grid = (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(count, meta["BLOCK_C"]))
-        src_stride_b = src.stride(0) if src.shape[0] == batch else 0
-        super().__init__(_column_copy_kernel, grid, (position, src, src_stride_b, src.stride(1), dst, dst.stride(0),
-                                                     dst.stride(1), batch, count, width, *_fields(src_at),
-                                                     *_fields(dst_at)), meta)
-
-
-def _fields(at: Column) -> tuple[int, ...]:
-    return at.level, at.scale, at.offset, at.row_mask, at.row_columns
+def launch_config(op: ColumnCopy) -> tuple:
+    """(kernel, grid, block sizes, options) of a bound ColumnCopy."""
+    blocks = constexprs(op.batch)
+    grid = (triton.cdiv(op.batch, blocks["BLOCK_B"]), triton.cdiv(op.count, blocks["BLOCK_C"]))
+    return _column_copy_kernel, grid, blocks, {}

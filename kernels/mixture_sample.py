@@ -27,10 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import mixture
-from .bound_launch import BoundLaunch, check as _check
-
-_FLOAT_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_INDEX_TYPES = {torch.int32: "i32", torch.int64: "i64"}
+from .ops import SamplePixel
 _TINY = tl.constexpr(torch.finfo(torch.float64).tiny)
 _BELOW_ONE = tl.constexpr(1.0 - 2.0 ** -53)  # used through tl.full(float64): typed float32, it would be 1
 
@@ -179,52 +176,14 @@ def _mixture_sample_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
-def _config(batch: int, nr_mix: int, channels: int, dtype: torch.dtype, has_image: bool) -> tuple[dict, dict]:
-    """The constexprs and compile options of a launch."""
-    constexprs = dict(CHANNELS=channels, BLOCK_B=min(triton.next_power_of_2(batch), 32),
-                      BLOCK_K=triton.next_power_of_2(nr_mix),
-                      COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32, HAS_IMAGE=has_image)
+def launch_config(op: SamplePixel) -> tuple:
+    """(kernel, grid, block sizes, options) of a bound SamplePixel."""
+    blocks = dict(BLOCK_B=min(triton.next_power_of_2(op.batch), 32), BLOCK_K=triton.next_power_of_2(op.nr_mix),
+                  COMPUTE=tl.float64 if op.dtype == torch.float64 else tl.float32)
     # One warp: a few hundred values per program. No fused multiply-adds: they would round
     # mean + alpha * x0 and mean + scale * logistic differently from PyTorch's separate operations.
-    return constexprs, dict(num_warps=1, enable_fp_fusion=False)
-
-
-def _arguments(params, noise, position, out, image) -> tuple:
-    """The kernel's runtime arguments, in order."""
-    batch, channels = out.shape
-    return (params, noise, position, out,
-            out if image is None else image,  # a valid pointer that HAS_IMAGE=False never reads
-            batch, noise.shape[1] - channels, noise.shape[2])
-
-
-def bind_sample_pixel(params: torch.Tensor, noise: torch.Tensor, position: torch.Tensor, channels: int,
-                      out: torch.Tensor, image: torch.Tensor | None = None) -> BoundLaunch | None:
-    """`sample_pixel`'s launch, checked and bound once (None for an empty batch): each call
-    of the result draws the pixel the position points at, with no checks on the way."""
-    _check(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
-    _check(params.dim() == 2 and params.dtype in _FLOAT_TYPES and params.is_contiguous(),
-           f"params must be a contiguous floating-point (batch, P) tensor, got {params.dtype} {tuple(params.shape)}")
-    batch = params.shape[0]
-    _, k_plus_c, _, _ = mixture.noise_shape((*params.shape, 1, 1), channels)  # checks P against channels
-    _check(noise.dim() == 3 and noise.shape[:2] == (batch, k_plus_c) and noise.dtype == torch.float64
-           and noise.is_contiguous(),
-           f"noise must be contiguous float64 (batch={batch}, K + C={k_plus_c}, pixels), got {noise.dtype} {tuple(noise.shape)}")
-    _check(position.shape == (1,) and position.dtype in _INDEX_TYPES,
-           f"position must be an int32 or int64 tensor of shape (1,), got {position.dtype} {tuple(position.shape)}")
-    _check(out.shape == (batch, channels) and out.dtype in _FLOAT_TYPES and out.is_contiguous(),
-           f"out must be a contiguous floating-point ({batch}, {channels}) tensor, got {out.dtype} {tuple(out.shape)}")
-    if image is not None:
-        expected = (batch, channels, noise.shape[2])
-        _check(image.shape == expected and image.dtype in _FLOAT_TYPES and image.is_contiguous(),
-               f"image must be a contiguous floating-point {expected} tensor, got {image.dtype} {tuple(image.shape)}")
-    devices = {t.device for t in (params, noise, position, out, image) if t is not None}
-    _check(len(devices) == 1, f"params, noise, position, out and image must be on one device, got {sorted(map(str, devices))}")
-    if batch == 0:
-        return None
-    constexprs, options = _config(batch, k_plus_c - channels, channels, params.dtype, image is not None)
-    grid = (triton.cdiv(batch, constexprs["BLOCK_B"]),)
-    return BoundLaunch(_mixture_sample_kernel, grid, _arguments(params, noise, position, out, image),
-                       constexprs, options)
+    return _mixture_sample_kernel, (triton.cdiv(op.batch, blocks["BLOCK_B"]),), blocks, dict(num_warps=1,
+                                                                                            enable_fp_fusion=False)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -235,9 +194,9 @@ def sample_pixel(params: torch.Tensor, noise: torch.Tensor, position: torch.Tens
     (read at p), position an int32/int64 tensor (1,) on the device, 0 <= p < N (not checked:
     that would read the device). Writes the (B, C) sub-pixels into `out` and, if given, into
     `image` (B, C, N) at p, each in its own dtype. No allocation, no host synchronisation."""
-    launch = bind_sample_pixel(params, noise, position, channels, out, image)
-    if launch is not None:
-        launch()
+    op = SamplePixel(params, noise, position, channels, out, image)
+    if op.batch > 0:
+        op()
 
 
 def sample(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Tensor:

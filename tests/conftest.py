@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -9,6 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastpixel
+from fastpixel import cache, mixture
+from fastpixel.sampling import image_noise
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +48,53 @@ def random_images(model: fastpixel.PixelCNNpp, n: int) -> torch.Tensor:
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where kernel tests put their tensors
+
+
+def cached_run(model, n, seed, backend):
+    """Images and the parameters at every step (B, P, H, W), from cache.sample_rows."""
+    cfg = model.config
+    param = next(model.parameters())
+    labels = None if cfg.num_classes is None else (torch.arange(n) % cfg.num_classes).to(param.device)
+    noise = torch.stack([image_noise(cfg, seed, i) for i in range(n)]).to(param.device)
+    x = torch.zeros(n, cfg.channels, *cfg.shape, dtype=param.dtype, device=param.device)
+    seen = torch.zeros(n, cfg.num_params_out, *cfg.shape, dtype=param.dtype, device=param.device)
+
+    def keep(r, c, params):
+        seen[:, :, r, c] = params
+
+    with torch.no_grad():
+        for _ in cache.sample_rows(model, x, noise, labels, on_params=keep, backend=backend):
+            pass
+    return x, seen
+
+
+def assert_differences_lie_on_bin_edges(model, seed, x, x_reference, params_reference):
+    """Images drawn from parameters that agree to rounding may differ; after its first
+    differing sub-pixel an image follows another path, so that first one must be a draw
+    within rounding of a bin edge, or of a tie between two components."""
+    channels, width = model.config.channels, model.config.shape[1]
+    for i in (x != x_reference).flatten(1).any(dim=1).nonzero().flatten().tolist():
+        first = (x[i] != x_reference[i]).permute(1, 2, 0).flatten().nonzero()[0].item()
+        (r, c), channel = divmod(first // channels, width), first % channels
+        assert on_an_edge(params_reference[i, :, r, c], image_noise(model.config, seed, i)[:, r, c],
+                          x_reference[i, :channel, r, c], channel, channels)
+
+
+def on_an_edge(params, uniforms, earlier, channel, channels) -> bool:
+    """Whether this sub-pixel's draw (float64) lies within rounding of the edge between two
+    bins, or its component choice within rounding of a tie (rounding of parameters that
+    agree to 1e-4)."""
+    logits, means, log_scales, coeffs = mixture._unpack(params.double().cpu()[None, :, None, None], channels)
+    scores = (logits.flatten() - torch.log(-torch.log(uniforms[:-channels])))
+    k = int(scores.argmax())
+    if scores.numel() > 1 and float(scores.max() - scores.topk(2).values[1]) < 1e-3:
+        return True
+    x = earlier.double().cpu()
+    mean = float(means[0, channel, k])
+    if channel:
+        alpha, beta, gamma = coeffs[0, :, k].flatten()
+        mean += [0.0, alpha * x[0], beta * x[0] + gamma * x[-1]][channel]
+    u = uniforms[-channels + channel]
+    y = mean + float(log_scales[0, channel, k].exp() * (torch.log(u) - torch.log1p(-u)))
+    grid = (y + 1) * 127.5  # bin edges are at half-integers
+    return abs(grid - math.floor(grid) - 0.5) < 0.05

@@ -1,7 +1,11 @@
-"""The C++ engine (csrc/, fastpixel/cext_step.py): each op against its kernel file's float64
-reference, whole samplings against the PyTorch cached sampler, and the build's fallback."""
+"""The C++ engine (csrc/, fastpixel/cext_step.py): each pixel op against its Triton kernel
+file's float64 reference, whole samplings (which also run the row ops) against the PyTorch
+cached sampler, the build's fallback, and a CPU path that never imports Triton."""
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,18 +13,16 @@ import torch
 import fastpixel
 from fastpixel import extension
 from fastpixel.backend import CEXT_MAX_STEP, BackendError, choose
-from tests.conftest import tiny_model
+from fastpixel.cext_step import engine_call
+from fastpixel.kernels.ops import Column, ColumnConv, ColumnCopy, SamplePixel
+from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model
 
-pytest.importorskip("triton")  # the engine runs the Triton backend's step plan
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the engine with", allow_module_level=True)
 
-from fastpixel.cext_step import engine_call  # noqa: E402 -- after the skips
-from fastpixel.kernels import column_conv, column_copy, mixture_sample  # noqa: E402
-from tests import test_kernel_column_conv, test_kernel_mixture_sample  # noqa: E402
-from tests.test_fused_step import cached_run, on_an_edge  # noqa: E402
-
 CPU = "cpu"
+# the pixel ops' references live beside their Triton kernels, which import Triton
+with_references = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def in_engine(launch) -> None:
@@ -28,7 +30,8 @@ def in_engine(launch) -> None:
     engine_call([launch], dtype)()
 
 
-# --------------------------------------------------------------------------- ops
+# --------------------------------------------------------------------------- pixel ops
+@with_references
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", [
     dict(batch=3, n=7, x_raw=7, kw=2, nonlinearity="concat_elu", skip=(7, "concat_elu")),   # block input, with skip
@@ -39,6 +42,7 @@ def in_engine(launch) -> None:
     dict(batch=4, n=11, x_raw=8, kw=1, store=False, nonlinearity="elu", per_column_term=False),  # 1x1 with a bias
 ])
 def test_column_conv_op_matches_reference(case, dtype, monkeypatch):
+    from tests import test_kernel_column_conv
     monkeypatch.setattr(test_kernel_column_conv, "DEVICE", CPU)
     test_kernel_column_conv.run(**case, dtype=dtype, call=in_engine)
 
@@ -50,32 +54,34 @@ def test_engine_elu_and_gate_stay_within_a_few_ulps_far_from_zero(dtype, ulps):
     x = torch.cat([-magnitudes, magnitudes, torch.zeros(1, dtype=torch.float64)]).to(dtype)[None]
     n, position = x.shape[1], torch.zeros(1, dtype=torch.int32)
     elu = torch.empty_like(x)
-    in_engine(column_conv.ColumnConv(position, None, torch.eye(n, dtype=dtype), torch.zeros(n, dtype=dtype), elu,
-                                     width=1, kw=1, x=x, nonlinearity="elu"))
+    in_engine(ColumnConv(position, None, torch.eye(n, dtype=dtype), torch.zeros(n, dtype=dtype), elu,
+                          width=1, kw=1, x=x, nonlinearity="elu"))
     expected = torch.nn.functional.elu(x.double())
     assert ((elu.double() - expected).abs() <= ulps * expected.abs()).all()
     gated = torch.empty_like(x)  # 0 + 1 * sigmoid(x): the gate's a is its term, its b is x
     weight = torch.cat([torch.zeros(n, n, dtype=dtype), torch.eye(n, dtype=dtype)], dim=1)
     term = torch.cat([torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)])
-    in_engine(column_conv.ColumnConv(position, None, weight, term, gated, width=1, kw=1, x=x,
-                                     residual=torch.zeros_like(x)))
+    in_engine(ColumnConv(position, None, weight, term, gated, width=1, kw=1, x=x,
+                          residual=torch.zeros_like(x)))
     expected = torch.sigmoid(x.double())
     tiny = torch.finfo(dtype).tiny  # where e^-x is clamped, sigmoid is below the normal numbers
     assert ((gated.double() - expected).abs() <= ulps * expected.abs() + tiny).all()
 
 
+@with_references
 @pytest.mark.parametrize("position", [0, 47])
 @pytest.mark.parametrize("src_at, dst_at, count", [
-    (column_copy.Column(), column_copy.Column(scale=1, offset=1), 5),
-    (column_copy.Column(level=1, scale=1, row_mask=1, row_columns=6), column_copy.Column(), 7),
-    (column_copy.Column(scale=1, row_mask=-1, row_columns=12), column_copy.Column(level=1, scale=2, offset=12), 3),
+    (Column(), Column(scale=1, offset=1), 5),
+    (Column(level=1, scale=1, row_mask=1, row_columns=6), Column(), 7),
+    (Column(scale=1, row_mask=-1, row_columns=12), Column(level=1, scale=2, offset=12), 3),
 ])
 def test_column_copy_op_matches_reference(position, src_at, dst_at, count):
+    from fastpixel.kernels import column_copy
     src, dst = torch.randn(3, 64, 7, dtype=torch.float64), torch.randn(3, 30, 5, dtype=torch.float64)
     expected = dst.clone()
     column_copy.reference(src, expected, position, count, width=12, src_at=src_at, dst_at=dst_at)
     pos = torch.tensor([position], dtype=torch.int32)
-    in_engine(column_copy.ColumnCopy(pos, src, dst, count, width=12, src_at=src_at, dst_at=dst_at))
+    in_engine(ColumnCopy(pos, src, dst, count, width=12, src_at=src_at, dst_at=dst_at))
     assert torch.equal(dst, expected)
 
 
@@ -83,23 +89,29 @@ def engine_sample(params, noise, channels):
     """mixture_sample.sample with the engine: one draw per row."""
     out = torch.empty(params.shape[0], channels, dtype=params.dtype)
     position = torch.zeros(1, dtype=torch.int32)
-    in_engine(mixture_sample.bind_sample_pixel(params, noise[:, :, None], position, channels, out))
+    in_engine(SamplePixel(params, noise[:, :, None], position, channels, out))
     return out
 
 
+@with_references
 @pytest.mark.parametrize("channels, nr_mix", [(1, 1), (1, 5), (3, 10)])
 def test_mixture_draw_equals_mixture_sample_exactly_in_float64(channels, nr_mix, monkeypatch):
+    from tests import test_kernel_mixture_sample
     monkeypatch.setattr(test_kernel_mixture_sample, "DEVICE", CPU)
     params, noise = test_kernel_mixture_sample.random_inputs(1000, nr_mix, channels, torch.float64, seed=channels)
     params[:3, 1 % nr_mix] = float("nan")  # a NaN logit is chosen, as torch.argmax chooses it
-    assert torch.equal(engine_sample(params, noise, channels), mixture_sample.reference(params, noise, channels))
+    expected = test_kernel_mixture_sample.mixture_sample.reference(params, noise, channels)
+    assert torch.equal(engine_sample(params, noise, channels), expected)
 
 
+@with_references
 @pytest.mark.parametrize("channels, nr_mix", [(1, 5), (3, 10)])
 def test_mixture_draw_in_float32_differs_only_rarely_and_at_bin_edges(channels, nr_mix, monkeypatch):
+    from tests import test_kernel_mixture_sample
     monkeypatch.setattr(test_kernel_mixture_sample, "DEVICE", CPU)
     params, noise = test_kernel_mixture_sample.random_inputs(2000, nr_mix, channels, torch.float32, seed=7)
-    got, expected = engine_sample(params, noise, channels), mixture_sample.reference(params, noise, channels)
+    got = engine_sample(params, noise, channels)
+    expected = test_kernel_mixture_sample.mixture_sample.reference(params, noise, channels)
     assert test_kernel_mixture_sample._unexplained(params, noise, channels, got, expected) == []
     assert (got != expected).any(dim=1).double().mean() <= 0.005
 
@@ -114,12 +126,15 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-def test_cext_steps_match_torch_steps_float64(options):
+def test_cext_steps_match_torch_steps_and_a_forward_pass_float64(options):
     model = tiny_model(**{"image_size": (8, 8), **options})
     x_torch, params_torch = cached_run(model, 3, 7, "torch")
     x_cext, params_cext = cached_run(model, 3, 7, "cext")
     assert (params_cext - params_torch).abs().max() <= 1e-10
     assert torch.equal(x_cext, x_torch)
+    labels = None if model.config.num_classes is None else torch.arange(3) % model.config.num_classes
+    with torch.no_grad():  # causal: a pixel's parameters depend only on the final values before it
+        assert (model(x_cext, labels) - params_cext).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("options", OPTIONS[:2])
@@ -129,12 +144,7 @@ def test_cext_steps_in_float32_differ_only_where_a_draw_lies_on_a_bin_edge(optio
     x_torch, params_torch = cached_run(model, n, seed, "torch")
     x_cext, params_cext = cached_run(model, n, seed, "cext")
     assert (params_cext - params_torch).abs().max() <= 1e-4
-    channels = model.config.channels
-    for i in (x_cext != x_torch).flatten(1).any(dim=1).nonzero().flatten().tolist():
-        first = (x_cext[i] != x_torch[i]).permute(1, 2, 0).flatten().nonzero()[0].item()
-        (r, c), channel = divmod(first // channels, model.config.shape[1]), first % channels
-        assert on_an_edge(params_torch[i, :, r, c], fastpixel.sampling.image_noise(model.config, seed, i)[:, r, c],
-                          x_torch[i, :channel, r, c], channel)
+    assert_differences_lie_on_bin_edges(model, seed, x_cext, x_torch, params_torch)
 
 
 def test_sample_picks_cext_on_the_cpu_for_small_steps_and_draws_the_naive_samplers_images():
@@ -142,6 +152,26 @@ def test_sample_picks_cext_on_the_cpu_for_small_steps_and_draws_the_naive_sample
     assert choose(CPU, dtype=torch.float64) == choose(CPU, dtype=torch.float32, step=CEXT_MAX_STEP) == "cext"
     assert choose(CPU, dtype=torch.float32, step=CEXT_MAX_STEP + 1) == choose(CPU, dtype=torch.bfloat16) == "torch"
     assert torch.equal(fastpixel.sample(model, 3, fast=True, seed=5), fastpixel.sample(model, 3, seed=5))
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as on a machine without Triton: importing it fails
+import torch
+import fastpixel
+from fastpixel import backend
+from tests.conftest import tiny_model
+model = tiny_model(channels=3, nonlocal_block=True, image_size=(4, 8))  # float64: equal images
+assert backend.choose("cpu", dtype=torch.float64) == "cext"
+assert torch.equal(fastpixel.sample(model, 2, fast=True, seed=1), fastpixel.sample(model, 2, fast=True, seed=1, backend="torch"))
+"""
+
+
+def test_cext_sampling_runs_without_triton():
+    env = {k: v for k, v in os.environ.items() if k != "FASTPIXEL_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- the build
