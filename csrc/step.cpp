@@ -143,26 +143,28 @@ void tile_rows(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* a
     }
 }
 
-// Products of at least this many multiply-adds are shared among OpenMP threads (PyTorch's
-// own pool, as the library links the libgomp that torch has loaded); below it, a parallel
-// region costs more than it saves (a pixel's step at batch 1).
-constexpr int64_t PARALLEL_WORK = 1 << 18;
+// A product is shared among OpenMP threads (PyTorch's own pool: the library links the
+// libgomp that torch has loaded) when it has this many multiply-adds, or streams this many
+// weights (a pixel's step at batch 1 is bound by reading them; two cores read twice as
+// fast, and each keeps its half in its own cache). Below both, a parallel region costs more
+// than it saves, and on a busy machine a descheduled thread stalls the others at its end.
+constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 16;
 
 // acc (m, lda)[:, :n] += v (m, k) @ w (k, ldw)[:, :n]. The threads share tasks of a block
-// of rows by a block of columns, with at least 8 tasks when the rows allow (a whole image
-// row at batch 1 has a single block of columns).
+// of rows by a block of columns, at least 8 of them when the rows allow.
 template <class T>
 void gemm(const T* v, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
-    constexpr int64_t COLUMN_BLOCK = 256 / sizeof(T);
-    const int64_t column_blocks = (n + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    constexpr int64_t VECTOR = 64 / sizeof(T);
+    const int64_t column_block = (m <= ROWS ? 2 : 4) * VECTOR;  // a few rows: narrower tasks, more of them
+    const int64_t column_blocks = (n + column_block - 1) / column_block;
     const int64_t wanted = (8 + column_blocks - 1) / column_blocks;
     const int64_t row_block = ROWS * (((m + wanted - 1) / wanted + ROWS - 1) / ROWS);
     const int64_t row_blocks = (m + row_block - 1) / row_block;
-#pragma omp parallel for collapse(2) schedule(static) if (m * k * n >= PARALLEL_WORK)
+#pragma omp parallel for collapse(2) schedule(static) if (m * k * n >= PARALLEL_WORK || k * n >= PARALLEL_WEIGHTS)
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
         for (int64_t cb = 0; cb < column_blocks; ++cb) {
-            const int64_t i0 = cb * COLUMN_BLOCK, m0 = rb * row_block;
-            const int64_t cols = n - i0 < COLUMN_BLOCK ? n - i0 : COLUMN_BLOCK;
+            const int64_t i0 = cb * column_block, m0 = rb * row_block;
+            const int64_t cols = n - i0 < column_block ? n - i0 : column_block;
             tile_rows(v, k, k, w, ldw, acc, lda, m0, m0 + row_block < m ? m0 + row_block : m, i0, cols);
         }
     }

@@ -31,8 +31,7 @@ _CONSTEXPRS = {ColumnConv: (0, ("KW", "STRIDE", "LEVEL", "FRESH", "STORE", "NL",
                ColumnCopy: (1, ()),
                SamplePixel: (2, ("CHANNELS", "HAS_IMAGE"))}
 _ADVANCE, _ROW_SHIFT, _ROW_WRITE, _ROW_CONV, _NONLOCAL = 3, 4, 5, 6, 7
-
-Value = "torch.Tensor | int | None"
+_PERIOD = 1 << (LEVELS - 1)  # the coarsest level's stride
 
 
 def _op(kind: int, values: list, slots: int) -> np.ndarray:
@@ -110,7 +109,7 @@ class _RowOps:
         self.plans: dict[tuple[bool, int], _Ops] = {}
 
     def __call__(self, r: int) -> None:
-        key = (r == 0, r % 4)
+        key = (r == 0, r % _PERIOD)
         if key not in self.plans:
             self.plans[key] = _Ops(self.run, self._walk(r), self.keep)
         self.plans[key]()
@@ -254,11 +253,13 @@ class CextSteps:
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
         self.plan = FusedSteps(model, net, x, noise)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
-        self._steps = [engine_call(self.plan.step_launches[due], x.dtype) for due in range(1, LEVELS + 1)]
+        steps = [engine_call(self.plan.step_launches[due], x.dtype) for due in range(1, LEVELS + 1)]
+        # a pixel's step depends on (r, c) mod 4 alone: looked up, not worked out, at each pixel
+        self._steps = [[steps[step_pattern(r, c) - 1] for c in range(_PERIOD)] for r in range(_PERIOD)]
         self._rows = _RowOps(model, net, self.plan.left_term)
 
     def start_row(self, r: int) -> None:
         self._rows(r)
 
     def step(self, r: int, c: int) -> None:
-        self._steps[step_pattern(r, c) - 1]()
+        self._steps[r % _PERIOD][c % _PERIOD]()
