@@ -1,11 +1,13 @@
-"""Where the cached sampler's time goes: torch.profiler over one cached sampling run,
-operators grouped by the kind of work they do, written as Markdown.
+"""Where the cached sampler's time goes, written as Markdown.
 
     python benchmarks/profile_cached.py --model mnist --batch 16 --out benchmarks/results/profile_cpu.md
-    python benchmarks/profile_cached.py --backend cext --out benchmarks/results/profile_cext.md
+    python benchmarks/profile_cached.py --backend cext --batch 1 16 --out benchmarks/results/profile_cext.md
 
-With the C++ engine (`--backend cext`) the pixel steps run outside PyTorch's operators: the
-profiler sees the row work alone, and the rest of the wall time is the engine (and Python).
+The PyTorch path (`--backend torch`): torch.profiler over one cached sampling run,
+operators grouped by the kind of work they do. The C++ engine (`--backend cext`) runs no
+PyTorch operator once built, so its run is timed in its three parts instead: building the
+sampler (the cache's buffers, the weights laid out for the engine, the packed ops), the
+per-row work and the pixel steps, each beside one forward pass of the same batch.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastpixel
+from fastpixel import sampling
+from fastpixel.cache import CachedNetwork
+from fastpixel.cext_step import CextSteps
 
 MODELS = {
     "mnist": fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=3, nr_filters=64, nr_logistic_mix=5),
@@ -40,20 +45,80 @@ KINDS = {  # operator -> kind of work
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mnist")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16])
     parser.add_argument("--backend", choices=["torch", "cext"], default="torch")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_cpu.md"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = fastpixel.PixelCNNpp(MODELS[args.model]).eval()
-    run = dict(fast=True, seed=0, backend=args.backend)
-    fastpixel.sample(model, args.batch, **run)  # warm up
+    model = fastpixel.PixelCNNpp(MODELS[args.model])
+    height, width = model.config.shape
+    model.data_init(torch.rand(8, model.config.channels, height, width) * 2 - 1)  # realistic activation scales
+    model.eval()
+    title = f"# Cached sampling profile: {args.model}-size model, {args.backend} backend"
+    machine = f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}."
+    if args.backend == "cext":
+        lines = [title, "", machine + " Seconds, the fastest of three runs.", "",
+                 "| batch | building the sampler | rows | pixel steps | total | one forward pass | total in forward passes |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for batch in args.batch:
+            parts, forward = _engine_parts(model, batch), _forward(model, batch)
+            total = sum(parts)
+            lines.append(f"| {batch} | " + " | ".join(f"{t:.3f}" for t in (*parts, total, forward)) +
+                         f" | {total / forward:.2f} |")
+    else:
+        lines = [title, "", machine] + [line for batch in args.batch for line in _operators(model, batch)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _engine_parts(model, batch: int, runs: int = 3) -> tuple[float, float, float]:
+    """(building, rows, pixel steps) seconds of a cached sampling run with the C++ engine,
+    driving the same objects as cache.sample_rows; the fastest run of `runs` by total."""
+    cfg = model.config
+    noise = torch.stack([sampling.image_noise(cfg, 0, i) for i in range(batch)])
+    labels = None if cfg.num_classes is None else torch.arange(batch) % cfg.num_classes
+    best = None
+    with torch.no_grad():
+        for _ in range(runs + 1):  # the first run builds the engine
+            start = time.perf_counter()
+            x = torch.zeros(batch, cfg.channels, *cfg.shape)
+            steps = CextSteps(model, CachedNetwork(model, batch, labels), x, noise)
+            built, rows, pixels = time.perf_counter() - start, 0.0, 0.0
+            for r in range(cfg.shape[0]):
+                start = time.perf_counter()
+                steps.start_row(r)
+                rows += time.perf_counter() - start
+                start = time.perf_counter()
+                for c in range(cfg.shape[1]):
+                    steps.step(r, c)
+                pixels += time.perf_counter() - start
+            if best is None or built + rows + pixels < sum(best):
+                best = (built, rows, pixels)
+    return best
+
+
+def _forward(model, batch: int) -> float:
+    x = torch.zeros(batch, model.config.channels, *model.config.shape)
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def _operators(model, batch: int) -> list[str]:
+    """torch.profiler's operators of one cached sampling run with the PyTorch path, by kind."""
+    run = dict(fast=True, seed=0, backend="torch")
+    fastpixel.sample(model, batch, **run)  # warm up
     start = time.perf_counter()
-    fastpixel.sample(model, args.batch, **run)
+    fastpixel.sample(model, batch, **run)
     wall = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fastpixel.sample(model, args.batch, **run)
+        fastpixel.sample(model, batch, **run)
     events = prof.key_averages()
     kinds, calls = defaultdict(float), defaultdict(int)
     for e in events:
@@ -61,18 +126,13 @@ def main(argv=None) -> None:
         kinds[kind] += e.self_cpu_time_total / 1e6
         calls[kind] += e.count
     total = sum(kinds.values())
-    lines = [f"# Cached sampling profile: {args.model}-size model, batch {args.batch}, {args.backend} backend", "",
-             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}. Wall time without the profiler: {wall:.2f} s; "
+    lines = ["", f"## Batch {batch}", "", f"Wall time without the profiler: {wall:.2f} s; "
              f"operator time under the profiler: {total:.2f} s.", "",
              "| kind of work | seconds | share of operator time | calls |", "|---|---:|---:|---:|"]
     for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {seconds:.3f} | {100 * seconds / total:.0f}% | {calls[kind]:,} |")
-    lines += ["", "Top operators by self time:", "", "```",
-              events.table(sort_by="self_cpu_time_total", row_limit=15), "```", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    return lines + ["", "Top operators by self time:", "", "```",
+                    events.table(sort_by="self_cpu_time_total", row_limit=15), "```"]
 
 
 if __name__ == "__main__":
