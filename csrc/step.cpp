@@ -149,6 +149,7 @@ void tile_rows(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* a
 // fast, and each keeps its half in its own cache). Below both, a parallel region costs more
 // than it saves, and on a busy machine a descheduled thread stalls the others at its end.
 constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 16;
+constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // a row's gathers and epilogue: copies, a few operations each
 
 // acc (m, lda)[:, :n] += v (m, k) @ w (k, ldw)[:, :n]. The threads share tasks of a block
 // of rows by a block of columns, at least 8 of them when the rows allow.
@@ -365,41 +366,43 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
     acc.resize(m * n_out);
     scratch.resize(m * (k > s_channels ? k : s_channels));
     T* columns = scratch.data();  // (m, k): the window of each output position
-    for (int64_t b = 0; b < batch; ++b)
-        for (int64_t j = 0; j < width; ++j) {
-            const int64_t at = b * width + j;
-            for (int64_t i = 0; i < n_out; ++i)
-                acc[at * n_out + i] = bias[b * sbb + i] + (accumulate && i < n ? out[b * sob + j * soj + i] : T(0));
-            for (int64_t r = 0; r < nrows; ++r)
-                for (int64_t t = 0; t < kw; ++t) {
-                    const int64_t column = stride * j + t;
-                    T* to = columns + at * k + (r * kw + t) * cin;
-                    if (column < src_cols)
-                        std::memcpy(to, src + b * ssb + r * ssr + column * ssj, cin * sizeof(T));
-                    else
-                        std::memset(to, 0, cin * sizeof(T));
-                }
-        }
+    const bool parallel = m * (k > n_out ? k : n_out) >= PARALLEL_ELEMENTS;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t at = 0; at < m; ++at) {
+        const int64_t b = at / width, j = at % width;
+        for (int64_t i = 0; i < n_out; ++i)
+            acc[at * n_out + i] = bias[b * sbb + i] + (accumulate && i < n ? out[b * sob + j * soj + i] : T(0));
+        for (int64_t r = 0; r < nrows; ++r)
+            for (int64_t t = 0; t < kw; ++t) {
+                const int64_t column = stride * j + t;
+                T* to = columns + at * k + (r * kw + t) * cin;
+                if (column < src_cols)
+                    std::memcpy(to, src + b * ssb + r * ssr + column * ssj, cin * sizeof(T));
+                else
+                    std::memset(to, 0, cin * sizeof(T));
+            }
+    }
     gemm(columns, m, k, weight, n_out, n_out, acc.data(), n_out);
 
     if (skip_w) {
-        for (int64_t b = 0; b < batch; ++b)
-            for (int64_t j = 0; j < width; ++j)
-                fresh(skip + b * skb + j * skj, s_raw, skip_nl, columns + (b * width + j) * s_channels);
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t at = 0; at < m; ++at)
+            fresh(skip + (at / width) * skb + (at % width) * skj, s_raw, skip_nl, columns + at * s_channels);
         gemm(columns, m, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
-    for (int64_t b = 0; b < batch; ++b)
-        for (int64_t j = 0; j < width; ++j) {
-            const T* row = acc.data() + (b * width + j) * n_out;
-            T* o = out + b * sob + j * soj;
-            if (gate) {
-                const T* x = res + b * srb + j * srj;
-                for (int64_t i = 0; i < n; ++i) o[i] = x[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
-            } else {
-                for (int64_t i = 0; i < n; ++i) o[i] = row[i];
-            }
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t at = 0; at < m; ++at) {
+        const int64_t b = at / width, j = at % width;
+        const T* row = acc.data() + at * n_out;
+        T* o = out + b * sob + j * soj;
+        if (gate) {
+            const T* x = res + b * srb + j * srj;
+            for (int64_t i = 0; i < n; ++i) o[i] = x[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
+        } else {
+            for (int64_t i = 0; i < n; ++i) o[i] = row[i];
         }
+    }
 }
 
 // ---------------------------------------------------------------- the non-local block

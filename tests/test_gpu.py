@@ -46,7 +46,7 @@ def test_training_with_bf16_autocast_resumes_on_cuda(tmp_path):
 def test_triton_backend_with_cuda_graphs_matches_torch_backend_float64(options):
     import warnings
 
-    from tests.test_fused_step import cached_run
+    from tests.conftest import cached_run
 
     model = tiny_model(image_size=(8, 12), **options).cuda()
     with warnings.catch_warnings():
