@@ -52,7 +52,10 @@ def _interrupted_while_importing(signum, frame) -> None:
 def quiet_interrupt_while_importing() -> None:
     """Under `python -m fastpixel.<tool>` (Python sets sys.argv[0] to "-m" while it imports the
     package), make Ctrl-C before the tool's main() end quietly; `interrupts_raise` undoes it."""
-    if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    command = getattr(sys, "orig_argv", [])
+    tool = command[command.index("-m") + 1] if "-m" in command[:-1] else ""
+    if (sys.argv[:1] == ["-m"] and tool.startswith("fastpixel.")
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 

@@ -262,8 +262,10 @@ def test_unreadable_model_file_is_reported_as_unreadable(tmp_path):
 
 
 def test_ctrl_c_while_importing_ends_quietly_with_130(tmp_path):
+    # A shell's background job ignores SIGINT, and its children inherit that: restore the default.
     process = subprocess.Popen([sys.executable, "-m", "fastpixel.sample", "--help"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # torch takes seconds to import
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
