@@ -38,7 +38,8 @@ def check_fits(config, n: int, batch_size: int, copies: int = 1) -> None:
     """Refuse, before any work, a draw whose memory cannot exist here: `copies` uint8 arrays of
     all n images, plus one batch's float64 noise (made, then stacked) and canvas."""
     pixels = config.shape[0] * config.shape[1]
-    needed = copies * n * config.channels * pixels + batch_size * pixels * 8 * (2 * (config.nr_logistic_mix + config.channels) + config.channels)
+    noise_and_canvas = 8 * pixels * (2 * (config.nr_logistic_mix + config.channels) + config.channels)
+    needed = copies * n * config.channels * pixels + batch_size * noise_and_canvas
     available = _available_memory()
     if needed > available:
         raise ValueError(f"drawing {n} images in batches of {batch_size} needs at least {needed / 2**30:.3g} GiB of "
@@ -65,8 +66,8 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     compute the same parameters to rounding, so a draw that lands on a bin edge may differ).
     Class-conditional models take one label per image (default: cycle through the classes
     by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
-    cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed. `backend` ("torch", "triton", "cext";
-    None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
+    `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
     fastpixel.backend. `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
     """
