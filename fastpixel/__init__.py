@@ -1,4 +1,7 @@
 """fastpixel: PixelCNN++ with fast, exact sampling."""
+from .usage import quiet_interrupt_while_importing
+
+quiet_interrupt_while_importing()  # before torch: `python -m fastpixel.train` then Ctrl-C gives no traceback
 from . import mixture
 from .checkpoint import load, save
 from .config import ModelConfig

@@ -1,8 +1,13 @@
 """Model files: safetensors weights with the ModelConfig as JSON metadata, so loading
-never unpickles anything. Writes are atomic: a killed save leaves the old file intact."""
+never unpickles anything. Writes are atomic: a killed save leaves the old file intact.
+
+Loading trusts nothing it reads: the header's tensor names, dtypes and shapes are checked
+against the config before any weight is read or any layer built (a config that lies about
+its size would otherwise allocate for it), then the SHA-256 digest of metadata and tensors,
+then that every weight is finite."""
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,9 +17,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .integrity import tensors_digest
 from .model import PixelCNNpp
 
-FORMAT = "fastpixel.PixelCNNpp/1"
+FORMAT = "fastpixel.PixelCNNpp/2"  # /2 files carry a digest; /1 files (written before digests) load unchecked
+_FORMATS = ("fastpixel.PixelCNNpp/1", FORMAT)
+_DIGEST = "sha256"  # the metadata key of the digest
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; every weight of a model is floating point
 MODEL_FILE = "model.safetensors"  # the file `load` looks for inside a directory
 BUNDLED = Path(__file__).parent / "weights"  # trained models shipped with the package, by name
 
@@ -23,13 +32,15 @@ class CheckpointError(ValueError):
     """A file that is not a readable fastpixel model."""
 
 
-def save(model: PixelCNNpp, path: str | os.PathLike) -> Path:
-    """Write the model's weights and config to `path` (a .safetensors file), atomically."""
+def save(model: PixelCNNpp, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's weights and config to `path` (a .safetensors file), atomically, with
+    the SHA-256 digest that `load` checks; `metadata` adds strings of your own (e.g. a training step)."""
     if not isinstance(model, PixelCNNpp):
         raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
     path = Path(path)
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": model.config.to_json()}
+    metadata = {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()}
+    metadata[_DIGEST] = tensors_digest(metadata, tensors)
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
@@ -50,6 +61,19 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def new_folders_removed_if_empty(folder: Path):
+    """Run the body; then remove `folder` and those of its parents that it brought into being,
+    where they stayed empty, so that a command that failed leaves no empty folders behind."""
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: it holds what the command wrote
+                directory.rmdir()
 
 
 def bundled_models() -> list[str]:
@@ -76,25 +100,67 @@ def _model_file(path: str | os.PathLike) -> Path:
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> PixelCNNpp:
     """A model (float32, eval mode) from a file written by `save`, a directory holding
-    `model.safetensors` (a training run's save_dir), or the name of a bundled model ("mnist")."""
+    `model.safetensors` (a training run's save_dir), or the name of a bundled model ("mnist").
+    A damaged, foreign or inconsistent file raises a CheckpointError that names it."""
     path = _model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fastpixel model file at {path}")
     try:
+        open(path, "rb").close()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+    try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
+            config = _config(path, metadata)
+            _check_header(path, config, {name: f.get_slice(name) for name in f.keys()})
             tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    if metadata.get("format") != FORMAT or "config" not in metadata:
+    _check_contents(path, metadata, tensors)
+    model = PixelCNNpp(config)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return model.to(device or "cpu").eval()
+
+
+def _config(path: Path, metadata: dict[str, str]) -> ModelConfig:
+    if metadata.get("format") not in _FORMATS or "config" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a fastpixel model (no '{FORMAT}' metadata)")
     try:
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        return ModelConfig.from_json(metadata["config"])
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
-    model = PixelCNNpp(config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match its config: {err}") from None
-    return model.to(device or "cpu").eval()
+
+
+def _check_header(path: Path, config: ModelConfig, stored: dict) -> None:
+    """Names, shapes and dtypes against what the config builds, from the header alone: the
+    expected shapes come from a model on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in PixelCNNpp(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"{path}: weights do not match its config: tensor {name} of shape {shape} is missing")
+        found = tuple(stored[name].get_shape())
+        if found != shape:
+            raise CheckpointError(f"{path}: weights do not match its config: tensor {name} has shape {found}, "
+                                  f"the config needs {shape}")
+        if stored[name].get_dtype() not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is {stored[name].get_dtype()}, "
+                                  f"expected floating point ({', '.join(_FLOAT_DTYPES)})")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: weights do not match its config: unexpected tensor {extra[0]}")
+
+
+def _check_contents(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    if metadata["format"] == FORMAT:
+        if _DIGEST not in metadata:
+            raise CheckpointError(f"{path} has lost its {_DIGEST} digest: the file is corrupt")
+        unsigned = {k: v for k, v in metadata.items() if k != _DIGEST}
+        if tensors_digest(unsigned, tensors) != metadata[_DIGEST]:
+            raise CheckpointError(f"{path} does not match the SHA-256 digest stored in it: the file is corrupt")
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; refusing a broken model")

@@ -74,10 +74,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """The config `to_dict` gave: every field, and no other (a default taken for a missing
+        field would silently build a different model)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; known fields are {sorted(known)}")
+        missing = sorted(known - set(data))
+        if missing:
+            raise ValueError(f"ModelConfig fields {missing} are missing")
         return cls(**data)
 
     @classmethod

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import write_atomically
+from .checkpoint import new_folders_removed_if_empty, write_atomically
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -112,13 +112,14 @@ def _download_missing(spec: _Spec, data_dir: Path, split: str, folder: Path, fil
         raise missing("they need a login to download, so fastpixel never fetches them")
     if not download:
         raise missing("download=False, so nothing was fetched")
-    for file in files:
-        url = spec.url + file
-        try:
-            _download(url, folder / file, spec.md5[file])
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            why = "the server refused" if isinstance(err, urllib.error.HTTPError) else "this machine seems offline"
-            raise missing(f"downloading {url} failed ({err}): {why}") from None
+    with new_folders_removed_if_empty(folder):
+        for file in files:
+            url = spec.url + file
+            try:
+                _download(url, folder / file, spec.md5[file])
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+                why = "the server refused" if isinstance(err, urllib.error.HTTPError) else "this machine seems offline"
+                raise missing(f"downloading {url} failed ({err}): {why}") from None
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
@@ -170,20 +171,40 @@ def _read_mnist(spec: _Spec, data_dir: Path, split: str, download: bool) -> tupl
     prefix = "train" if split == "train" else "t10k"
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     images_path, labels_path = _locate(spec, data_dir, split, names, download, suffixes=("", ".gz"))
-    images = _read_idx(images_path, _IDX_IMAGES, (28, 28))
-    labels = _read_idx(labels_path, _IDX_LABELS, ())
+    images = _read_idx(images_path, _IDX_IMAGES, (28, 28), (spec.title, names[0]))
+    labels = _read_idx(labels_path, _IDX_LABELS, (), (spec.title, names[1]))
     _check_labels(labels_path, labels, len(images), 0, spec.num_classes)
     return images[:, None], labels
 
 
-def _read_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
-    """An IDX file's array (count, *item_shape), after checking its magic number, shape and length."""
+# SHA-256 of the uncompressed official files (the gzip around them differs between sources). MNIST and
+# Fashion-MNIST share file names, so only the contents tell which data set a folder holds.
+_KNOWN_IDX = {
+    "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db": ("MNIST", "train-images-idx3-ubyte"),
+    "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5": ("MNIST", "train-labels-idx1-ubyte"),
+    "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7": ("MNIST", "t10k-images-idx3-ubyte"),
+    "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2": ("MNIST", "t10k-labels-idx1-ubyte"),
+    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888": ("Fashion-MNIST", "train-images-idx3-ubyte"),
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9": ("Fashion-MNIST", "train-labels-idx1-ubyte"),
+    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b": ("Fashion-MNIST", "t10k-images-idx3-ubyte"),
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34": ("Fashion-MNIST", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_idx(path: Path, magic: int, item_shape: tuple[int, ...], wanted: tuple[str, str]) -> np.ndarray:
+    """An IDX file's array (count, *item_shape), after checking its magic number, shape and length,
+    and that it is not a known file other than `wanted` (data set title, file name); files of
+    your own, which no checksum knows, are read as they are."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
             raise DataError(f"{path} does not decompress ({err}); delete it and download it again") from None
+    found_file = _KNOWN_IDX.get(hashlib.sha256(raw).hexdigest(), wanted)
+    if found_file != wanted:
+        raise DataError(f"{path} is {found_file[0]}'s {found_file[1]} (by its SHA-256), not {wanted[0]}'s {wanted[1]}; "
+                        f"give {wanted[0]} a folder of its own")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
         raise DataError(f"{path} starts with magic number {found}, expected {magic} for an IDX "

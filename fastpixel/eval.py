@@ -15,7 +15,7 @@ import torch
 from .checkpoint import load, write_atomically
 from .data import DATASETS, DataError, load_dataset
 from .sampling import bits_per_dim
-from .usage import report
+from .usage import UsageError, check_writable, interrupts_raise, report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
         raise ValueError("--batch_size and --max_images must be positive")
+    if args.json is not None:
+        check_writable(args.json, "--json", parents=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
@@ -57,18 +59,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
+    interrupts_raise()
     args = parse_args(argv)
     try:
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         result = run(args)
-    except (OSError, ValueError, DataError) as err:
+    except (OSError, ValueError, DataError, UsageError) as err:
         return report("python -m fastpixel.eval", err)
     except KeyboardInterrupt:
         print("python -m fastpixel.eval: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(f"{args.split} bits/dim: {result['bits_per_dim']:.4f} ({result['images']} images of {args.data_set})")
-    if args.json:
+    if args.json is not None:
         write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -30,7 +29,7 @@ from .backend import NAMES
 from .checkpoint import load, write_atomically
 from .grid import save_grid
 from .model import PixelCNNpp
-from .usage import UsageError, report
+from .usage import UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.sample"
 _T = TypeVar("_T")
@@ -42,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="mnist",
                         help="a bundled model's name (default: mnist), a file written by fastpixel.save, or a training save_dir")
     parser.add_argument("-n", "--num-samples", type=int, default=16, help="how many images (default 16)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch and process (default: all at once)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
     parser.add_argument("--label", type=int, default=None,
                         help="class of every image, for class-conditional models (default: cycle through the classes)")
@@ -52,18 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["auto", *NAMES], default="auto",
                         help="who runs the cached sampler's steps (default auto: $FASTPIXEL_BACKEND, else the fastest here)")
     return parser.parse_args(argv)
-
-
-def check_writable(path: Path) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"output path {path} is a directory")
-    if not directory.is_dir():
-        raise UsageError(f"cannot write {path}: directory {directory} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}") from None
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -84,8 +72,9 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
     if args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
     if writer:
-        for path in [Path(args.out)] + ([Path(args.npy)] if args.npy else []):
-            check_writable(path)
+        check_writable(args.out, "--out")
+        if args.npy is not None:
+            check_writable(args.npy, "--npy")
     try:
         model = load(args.checkpoint, device=device)
     except (OSError, ValueError) as err:
@@ -95,7 +84,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         raise UsageError("--label was given, but this model is not class-conditional")
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
-    try:
+    try:  # the images, their gathered copy under torchrun and the grid
+        sampling.check_fits(model.config, args.num_samples, batch, copies=3)
         backend = sampling.resolve_backend(device, args.fast, _requested_backend(args),
                                            next(model.parameters()).dtype, batch * model.config.nr_filters)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
@@ -108,11 +98,11 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
     n = args.num_samples
     # Rounding the bounds up gives rank 0, whose progress bar is shown, the largest share.
     first, stop = -(-rank * n // world), -(-(rank + 1) * n // world)
-    batch = max(1, min(args.batch_size or n, -(-n // world)))  # every rank's largest batch: one backend for all
+    batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-n // world)))  # every rank's largest batch: one backend for all
     model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0, batch=batch))
     start = time.perf_counter()
     images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=args.label,
-                             progress=rank == 0, batch_size=args.batch_size, backend=backend if args.fast else None,
+                             progress=rank == 0, batch_size=batch, backend=backend if args.fast else None,
                              first=first)
     if world > 1:
         shares = [None] * world if rank == 0 else None
@@ -122,7 +112,7 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
         images = torch.cat(shares)
     seconds = time.perf_counter() - start
     save_grid(images, args.out)
-    if args.npy:
+    if args.npy is not None:
         write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
     processes = f", {world} processes" if world > 1 else ""
     return (f"wrote {args.out}: {n} images in {seconds:.2f} s "
@@ -155,6 +145,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def main(argv=None) -> int:
+    interrupts_raise()
     args = parse_args(argv)
     # As torchrun sets them; one process without it, on the same code path.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

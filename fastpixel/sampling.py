@@ -31,6 +31,31 @@ def image_noise(config, seed: int, index: int) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
+DEFAULT_BATCH = 256  # images drawn at once when no batch size is given: each holds its noise and activations
+
+
+def check_fits(config, n: int, batch_size: int, copies: int = 1) -> None:
+    """Refuse, before any work, a draw whose memory cannot exist here: `copies` uint8 arrays of
+    all n images, plus one batch's float64 noise (made, then stacked) and canvas."""
+    pixels = config.shape[0] * config.shape[1]
+    noise_and_canvas = 8 * pixels * (2 * (config.nr_logistic_mix + config.channels) + config.channels)
+    needed = copies * n * config.channels * pixels + batch_size * noise_and_canvas
+    available = _available_memory()
+    if needed > available:
+        raise ValueError(f"drawing {n} images in batches of {batch_size} needs at least {needed / 2**30:.3g} GiB of "
+                         f"memory, more than the {available / 2**30:.3g} GiB available here: ask for fewer images "
+                         "or a smaller batch size")
+
+
+def _available_memory() -> int:
+    """Bytes of memory this machine can still hand out (MemAvailable on Linux, else all of it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
            batch_size: int | None = None, backend: str | None = None, first: int = 0) -> torch.Tensor:
@@ -40,8 +65,9 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     same images as the naive sampler (bit for bit in float64; in lower precision the two
     compute the same parameters to rounding, so a draw that lands on a bin edge may differ).
     Class-conditional models take one label per image (default: cycle through the classes
-    by image index). seed=None draws a fresh seed. `backend` ("torch", "triton", "cext";
-    None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
+    cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
+    `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
     fastpixel.backend. `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
     """
@@ -51,9 +77,10 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if batch_size is None:
-        batch_size = max(n, 1)
+        batch_size = min(max(n, 1), DEFAULT_BATCH)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_fits(config, n, min(batch_size, n))
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

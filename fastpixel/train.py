@@ -9,17 +9,22 @@ Batches and learning rate: `--batch_size` is per process, so one optimiser step 
 it: `--lr` is the rate for that global batch and is not rescaled with the world size. The
 learning rate decays by `--lr_decay` every step.
 
-Nothing is lost when a run is killed: `save_dir/state.pt` (model, EMA, optimiser, step;
-loads with `weights_only=True`) and `save_dir/model.safetensors` (the EMA
-model, for `fastpixel.load(save_dir)`) are written atomically, and `--resume` continues
-from the last one with the same losses as a run that was never stopped. Each epoch's data
-order depends only on (seed, epoch), so a resumed epoch skips exactly the batches it did, and
-each step's dropout noise only on (seed, rank, epoch, batch), so no RNG state needs saving.
+Nothing is lost when a run is killed: `save_dir/model.safetensors` (the EMA model, for
+`fastpixel.load(save_dir)`) and then `save_dir/state.pt` (model, EMA, optimiser, step; loads
+with `weights_only=True`, sealed with a SHA-256 digest) are written atomically, in that order,
+so the model file is never older than the state, and `--resume` continues from the last state
+with the same losses as a run that was never stopped. Each epoch's data order depends only on
+(seed, epoch), so a resumed epoch skips exactly the batches it did, and each step's dropout
+noise only on (seed, rank, epoch, batch), so no RNG state needs saving. One run at a time
+holds a save_dir (a lock on `save_dir/.lock`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -35,15 +40,18 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import mixture
-from .checkpoint import load, save, write_atomically
+from .checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically
 from .config import NONLINEARITIES, ModelConfig
 from .data import DATASETS, DataError, load_dataset
 from .grid import save_grid
-from .usage import UsageError, report
+from .integrity import load_sealed, sealed
+from .usage import UsageError, check_writable, interrupts_raise, report
 from .model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
 
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"
+STATE_KEYS = ("model", "ema", "optimizer", "schedule", "step", "epoch", "batch_in_epoch", "world", "config", "args")
 MAX_NONFINITE_IN_A_ROW = 5
 # Arguments a resumed run must repeat: they fix the architecture, the data order or the
 # optimisation (a saved optimiser would silently override a new --lr).
@@ -129,7 +137,7 @@ def start_processes() -> Processes:
 def epoch_batches(n: int, epoch: int, seed: int, global_batch: int) -> torch.Tensor:
     """This epoch's global batches of image indices, (steps, global_batch): a permutation that
     depends only on (seed, epoch), cut into full batches (the remainder is dropped)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     order = torch.randperm(n, generator=generator)
     steps = n // global_batch
     return order[:steps * global_batch].view(steps, global_batch)
@@ -173,6 +181,9 @@ class Trainer:
         self.step = 0            # optimiser steps taken (skipped non-finite steps do not count)
         self.epoch = 0           # current epoch
         self.batch_in_epoch = 0  # batches of the current epoch consumed
+        self.epoch_bits: list[float] = []  # train bits/dim of those batches
+        self.data = ""           # data_identity of the training set
+        self.saved_step = None   # step of the last checkpoint in save_dir, if any
         self.nonfinite_in_a_row = 0
 
     def initialise(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -204,6 +215,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_bits": self.epoch_bits, "data": self.data,
                 "world": self.procs.world, "config": self.model.config.to_json(), "args": json.dumps(vars(self.args))}
 
     def load_state_dict(self, state: dict) -> None:
@@ -213,12 +225,33 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.epoch_bits = list(state.get("epoch_bits", []))
+        self.saved_step = self.step
 
     def save(self, save_dir: Path) -> None:
-        """Training state, then the EMA model: each written atomically."""
+        """The EMA model, then the training state, each atomically: a kill between the two
+        leaves the model one checkpoint ahead of the state, never behind it, and no state
+        exists before its model file does."""
+        save(self.ema, save_dir / MODEL_FILE, metadata={"step": str(self.step)})
         state = self.state_dict()
-        write_atomically(save_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
-        save(self.ema, save_dir / "model.safetensors")
+        write_atomically(save_dir / STATE_FILE, lambda tmp: Path(tmp).write_bytes(sealed(state)))
+        self.saved_step = self.step
+
+    def checkpoint_note(self, save_dir: Path) -> str:
+        """What a stopped run leaves to resume from, in words."""
+        if self.saved_step is None:
+            return f"no checkpoint was written to {save_dir}"
+        return f"the last checkpoint in {save_dir} (step {self.saved_step}) is intact"
+
+
+def data_identity(data) -> str:
+    """A cheap fingerprint of a training set, so --resume notices other data: its shape, and the
+    SHA-256 of at most 1000 evenly spaced images and of all labels."""
+    images = data.images
+    digest = hashlib.sha256(images[torch.linspace(0, len(images) - 1, min(len(images), 1000)).long()].numpy())
+    if data.labels is not None:
+        digest.update(data.labels.numpy())
+    return f"{len(images)} images {'x'.join(map(str, images.shape[1:]))}, sha256 {digest.hexdigest()[:16]}"
 
 
 def config_from(args: argparse.Namespace, dataset) -> ModelConfig:
@@ -234,6 +267,13 @@ def config_from(args: argparse.Namespace, dataset) -> ModelConfig:
 
 
 def check_args(args: argparse.Namespace, procs: Processes) -> None:
+    for name in ("lr", "lr_decay", "polyak_decay", "gamma", "dropout_p", "grad_clip"):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise UsageError(f"--{name} must be a finite number, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must lie in 0 .. 2**63 - 1, got {args.seed}")
+    if args.resume and args.init_from:
+        raise UsageError("--init_from starts a new run and --resume continues one: pass one of them")
     positive = ["nr_resnet", "nr_filters", "nr_logistic_mix", "batch_size", "init_batch_size", "max_epochs",
                 "save_interval", "log_every", "eval_batch_size"]
     for name in positive:
@@ -278,7 +318,11 @@ def load_data(args: argparse.Namespace, procs: Processes):
 
 # ---------------------------------------------------------------------------------- the loop
 class Stop(Exception):
-    """Training ends early (signal, or too many non-finite losses in a row)."""
+    """Training ends early (a signal, or non-finite numbers), with the process's exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def bits_per_dim_of(nats: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -287,26 +331,80 @@ def bits_per_dim_of(nats: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 def train(args: argparse.Namespace, procs: Processes) -> Trainer:
     check_args(args, procs)
+    save_dir = check_writable(args.save_dir, "--save_dir", directory=True) if procs.main else Path(args.save_dir)
+    with exclusive(save_dir, procs.main):
+        return _train(args, procs, save_dir)
+
+
+@contextlib.contextmanager
+def exclusive(save_dir: Path, main: bool):
+    """Hold save_dir for this run alone: an flock on save_dir/.lock (which holds the PID), released
+    when the process ends however it ends. Then remove the temporaries killed runs left. A run that
+    wrote nothing leaves nothing, not even the lock or save_dir."""
+    if not main:
+        yield
+        return
+    lock = save_dir / LOCK_FILE
+    held = False
+    with new_folders_removed_if_empty(save_dir):
+        save_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+                raise UsageError(f"--save_dir {save_dir} is in use by another training run (PID {holder}); "
+                                 "wait for it to end, or choose another --save_dir") from None
+            held = True
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            for stale in save_dir.glob(".*.tmp"):  # write_atomically's, from killed runs
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            if held and [p.name for p in save_dir.iterdir()] == [LOCK_FILE]:
+                lock.unlink()
+            os.close(descriptor)
+
+
+def read_state(state_path: Path, args: argparse.Namespace, procs: Processes, save_dir: Path) -> dict:
+    """The training state a --resume continues from, once it is clear that it is whole and
+    that this run repeats the arguments that would otherwise make the resume inexact."""
+    if not state_path.is_file():
+        raise UsageError(f"--resume: no training state at {state_path}")
+    try:
+        state = load_sealed(state_path)
+        missing = [key for key in STATE_KEYS if key not in state]
+        saved_args = json.loads(state["args"]) if not missing else {}
+    except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways)
+        raise UsageError(f"--resume: cannot read {state_path}: {err}") from None
+    if missing:
+        raise UsageError(f"--resume: {state_path} is not a whole training state: it lacks {', '.join(missing)}")
+    changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a) != getattr(args, a)]
+    if saved_args.get("batch_size", 0) * state.get("world", 1) != args.batch_size * procs.world:
+        changed.append("batch_size (times the number of processes)")
+    if changed:
+        raise UsageError(f"--resume: {', '.join('--' + a for a in changed)} differ from the run in {save_dir}")
+    return state
+
+
+def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Trainer:
     torch.manual_seed(args.seed)
-    save_dir = Path(args.save_dir)
     train_set, test_set = load_data(args, procs)
     config = config_from(args, train_set)
     trainer = Trainer(args, config, procs)
+    trainer.data = data_identity(train_set)
     state_path = save_dir / STATE_FILE
     if args.resume:
-        if not state_path.is_file():
-            raise UsageError(f"--resume: no training state at {state_path}")
-        try:  # on the CPU: load_state_dict moves tensors to the model's device
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            saved_args = json.loads(state["args"])
-        except Exception as err:  # noqa: BLE001  (a corrupt file fails in many ways)
-            raise UsageError(f"--resume: cannot read {state_path}: {err}") from None
-        changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a) != getattr(args, a)]
-        if saved_args.get("batch_size", 0) * state.get("world", 1) != args.batch_size * procs.world:
-            changed.append("batch_size (times the number of processes)")
-        if changed:
-            raise UsageError(f"--resume: {', '.join('--' + a for a in changed)} differ from the run in {save_dir}")
-        trainer.load_state_dict(state)
+        state = read_state(state_path, args, procs, save_dir)
+        if state.get("data", trainer.data) != trainer.data:
+            raise UsageError(f"--resume: the training data in {args.data_dir} ({trainer.data}) are not those of the "
+                             f"run in {save_dir} ({state['data']})")
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise UsageError(f"--resume: {state_path} does not fit this run: {err}") from None
     else:
         if state_path.exists():
             raise UsageError(f"{state_path} exists: pass --resume to continue that run, or choose another --save_dir")
@@ -317,29 +415,28 @@ def train(args: argparse.Namespace, procs: Processes) -> Trainer:
             index = init_indices(len(train_set.images), args.seed, size)
             trainer.initialise(train_set.images[index], None if config.num_classes is None else train_set.labels[index])
     if procs.main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "config.json").write_text(config.to_json() + "\n")
+        write_atomically(save_dir / "config.json", lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
 
     net = trainer.model
     if procs.world > 1:
         device_ids = [procs.device.index] if procs.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-    # A signal ends the run after the current step, with a checkpoint (all processes agree when).
+    # A signal ends the run after the current step or evaluation batch, with a checkpoint
+    # (all processes agree when).
     stop_signal = []
-    previous_handlers = (signal.signal(signal.SIGTERM, lambda *_: stop_signal.append("SIGTERM")),
-                         signal.signal(signal.SIGINT, lambda *_: stop_signal.append("SIGINT")))
+    previous_handlers = (signal.signal(signal.SIGTERM, lambda signum, _: stop_signal.append(signum)),
+                         signal.signal(signal.SIGINT, lambda signum, _: stop_signal.append(signum)))
 
     global_batch = args.batch_size * procs.world
     log = MetricsLog(save_dir / "metrics.jsonl", procs.main)
-    if args.resume:
-        log.keep_until(trainer.step)  # records a killed run wrote after its last checkpoint
+    log.keep_until(trainer.step if args.resume else -1)  # records a killed run wrote after its last checkpoint
     try:
         while trainer.epoch < args.max_epochs and not reached_max_steps(trainer, args):
             batches = epoch_batches(len(train_set.images), trainer.epoch, args.seed, global_batch)
-            train_bpd = run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
+            run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
             if trainer.batch_in_epoch < len(batches):
                 break  # --max_steps fell inside the epoch: it is saved as unfinished
-            finish_epoch(trainer, train_bpd, test_set, args, procs, log, save_dir)
+            finish_epoch(trainer, test_set, args, procs, log, stop_signal, save_dir)
     except Stop as why:
         if procs.main:
             print(f"python -m fastpixel.train: {why}", file=sys.stderr)
@@ -349,7 +446,7 @@ def train(args: argparse.Namespace, procs: Processes) -> Trainer:
         signal.signal(signal.SIGINT, previous_handlers[1])
     if procs.main:
         trainer.save(save_dir)
-        print(f"done: {trainer.step} steps, {trainer.epoch} epochs; EMA model in {save_dir / 'model.safetensors'}")
+        print(f"done: {trainer.step} steps, {trainer.epoch} epochs; EMA model in {save_dir / MODEL_FILE}")
     return trainer
 
 
@@ -371,20 +468,30 @@ class MetricsLog:
                 os.fsync(f.fileno())
 
     def records(self) -> list[dict]:
+        """The records; a line a kill cut short is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [record for line in self.path.read_text().splitlines() if (record := _record(line)) is not None]
 
     def keep_until(self, step: int) -> None:
-        """Drop the records after `step` (written by a run killed after its last checkpoint)."""
+        """Drop the records after `step` (written by a run killed after its last checkpoint),
+        and a torn last line; step -1 (a new run) drops them all."""
         if self.enabled and self.path.exists():
-            kept = "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] <= step)
+            kept = "".join(json.dumps(r) + "\n" for r in self.records() if r.get("step", step + 1) <= step)
             write_atomically(self.path, lambda tmp: Path(tmp).write_text(kept))
 
 
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: Processes, log: MetricsLog,
-              stop_signal: list, save_dir: Path) -> float | None:
-    """Train on this epoch's remaining batches; the mean train bits/dim of the batches run."""
+              stop_signal: list, save_dir: Path) -> None:
+    """Train on this epoch's remaining batches."""
     config = trainer.model.config
     device = procs.device
     # The loader gets its own generator: it would otherwise draw from the global one when it
@@ -396,7 +503,7 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
     net.train()
     bar = tqdm(total=len(batches), initial=trainer.batch_in_epoch, disable=not procs.main,
                desc=f"epoch {trainer.epoch}", unit="batch")
-    started, seen, epoch_bits = time.perf_counter(), 0, []
+    started, seen = time.perf_counter(), 0
     for images, labels in loader:
         if reached_max_steps(trainer, args):
             break
@@ -421,46 +528,69 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
             trainer.nonfinite_in_a_row += 1
             log.append(step=trainer.step, epoch=trainer.epoch, event="non-finite loss, step skipped")
             if trainer.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise Stop(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {trainer.step}; "
-                           f"stopping, the last good checkpoint in {save_dir} is intact (try a lower --lr or --grad_clip)")
+                raise Stop(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {trainer.step}; stopping: "
+                           f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
         else:
             trainer.nonfinite_in_a_row = 0
             if args.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.grad_clip)
             trainer.optimizer.step()
+            # Finite loss and gradients can still step to infinite weights (a huge --lr): they
+            # are never counted, averaged or saved. Every process holds the same weights.
+            if not torch.stack([p.isfinite().all() for p in trainer.model.parameters()]).all():
+                raise Stop(f"step {trainer.step + 1} made the weights non-finite; stopping without saving: "
+                           f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
             trainer.schedule.step()
             trainer.update_ema()
             trainer.step += 1
         train_bpd = float(votes[2]) / procs.world
-        epoch_bits.append(train_bpd)
+        trainer.epoch_bits.append(train_bpd)
         seen += len(x) * procs.world
         images_per_sec = seen / (time.perf_counter() - started)
         bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{images_per_sec:.1f}")
         bar.update(1)
-        if trainer.step % args.log_every == 0 and votes[0] == 0:
+        last = reached_max_steps(trainer, args) or votes[1] > 0  # a run's last step is always logged
+        if (trainer.step % args.log_every == 0 or last) and votes[0] == 0:
             log.append(step=trainer.step, epoch=trainer.epoch, train_bpd=train_bpd, lr=trainer.schedule.get_last_lr()[0],
                        images_per_sec=images_per_sec)
         if args.save_every_steps and trainer.step % args.save_every_steps == 0 and votes[0] == 0 and procs.main:
             trainer.save(save_dir)
         if votes[1] > 0:
-            if procs.main:
-                trainer.save(save_dir)
-            raise Stop(f"stopped by a signal at step {trainer.step}; resume with --resume")
+            stop_for_signal(trainer, stop_signal, procs, save_dir)
     bar.close()
-    return sum(epoch_bits) / len(epoch_bits) if epoch_bits else None
 
 
-def finish_epoch(trainer: Trainer, train_bpd: float | None, test, args, procs: Processes, log: MetricsLog,
+def stop_for_signal(trainer: Trainer, stop_signal: list, procs: Processes, save_dir: Path) -> None:
+    """Save, then end the run with exit code 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
+    if procs.main:
+        trainer.save(save_dir)
+    signum = stop_signal[0] if stop_signal else signal.SIGTERM  # a process the signal did not reach
+    raise Stop(f"stopped by {signal.Signals(signum).name} at step {trainer.step}; resume with --resume", 128 + signum)
+
+
+def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog, stop_signal: list,
                  save_dir: Path) -> None:
-    """Test bits/dim of the EMA weights (plain likelihood), a sample grid, the curves, a checkpoint."""
+    """Test bits/dim of the EMA weights (plain likelihood), a sample grid, the curves, a checkpoint.
+    The evaluation runs a batch at a time with a vote after each, so that a signal is honoured
+    within one batch, not after the whole test set; every process runs as many batches."""
     config = trainer.model.config
     share = slice(procs.rank, None, procs.world)
+    images = test.images[share]
     labels = None if config.num_classes is None else test.labels[share]
-    nats = nll_sum(trainer.ema, test.images[share], labels, batch_size=args.eval_batch_size)
-    total = procs.all_sum(torch.tensor([nats, float(test.images[share].numel())], dtype=torch.float64, device=procs.device))
+    size = args.eval_batch_size
+    nats = 0.0
+    for start in range(0, -(-len(test.images) // procs.world), size):
+        if start < len(images):
+            nats += nll_sum(trainer.ema, images[start:start + size], None if labels is None else labels[start:start + size],
+                            batch_size=size)
+        if procs.all_sum(torch.tensor([float(bool(stop_signal))], device=procs.device)).item() > 0:
+            stop_for_signal(trainer, stop_signal, procs, save_dir)
+    total = procs.all_sum(torch.tensor([nats, float(images.numel())], dtype=torch.float64, device=procs.device))
     test_bpd = float(total[0] / (total[1] * math.log(2)))
+    train_bpd = sum(trainer.epoch_bits) / len(trainer.epoch_bits) if trainer.epoch_bits else None
     trainer.epoch += 1
     trainer.batch_in_epoch = 0
+    trainer.epoch_bits = []
     if not procs.main:
         return
     log.append(step=trainer.step, epoch=trainer.epoch - 1, test_bpd=test_bpd, train_bpd=train_bpd)
@@ -495,14 +625,15 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    interrupts_raise()
     args = parse_args(argv)
     procs = start_processes()
     try:
         train(args, procs)
     except UsageError as err:
         return report("python -m fastpixel.train", err) if procs.main else 2
-    except Stop:
-        return 1
+    except Stop as why:
+        return why.code
     except KeyboardInterrupt:  # before the training loop's own handlers were installed
         if procs.main:
             print("python -m fastpixel.train: interrupted before training started; nothing was saved", file=sys.stderr)
