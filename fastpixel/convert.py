@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from .checkpoint import save
 from .config import ModelConfig
-from .layers import CHANNEL_FACTOR, ShiftedConvTranspose2d, _WeightNormed
+from .layers import CHANNEL_FACTOR, ShiftedConvTranspose2d
 from .mixture import num_params
 from .model import LEVELS, PixelCNNpp
 from .tf_bundle import BundleError, TensorBundle
@@ -114,13 +115,13 @@ def _assemble(config: ModelConfig, effective: Callable[[str, object, str], tuple
             weight, bias = weight[rows], bias[rows]
         elif name in ("u_init", "ul_init_above", "ul_init_left"):
             weight = weight[:, _input_columns(config)]
-        if isinstance(module, _WeightNormed):
-            others = [d for d in range(weight.dim()) if d != module._out_dim]
-            state[f"{name}.v"] = weight
-            state[f"{name}.g"] = torch.linalg.vector_norm(weight, dim=others)
-            state[f"{name}.b"] = bias
-        else:
+        if isinstance(module, nn.Embedding):
             state[f"{name}.weight"] = weight
+            continue
+        out_dim = 1 if isinstance(module, ShiftedConvTranspose2d) else 0  # fastpixel normalises per output
+        state[f"{name}.v"] = weight
+        state[f"{name}.g"] = torch.linalg.vector_norm(weight, dim=[d for d in range(4) if d != out_dim])
+        state[f"{name}.b"] = bias
     model.load_state_dict(state)
     return model.to(dtype)
 
@@ -137,15 +138,24 @@ class _Tensors:
 
     def __init__(self, source: str, shapes: dict[str, tuple[int, ...]], read: Callable[[str], object], suffix: str = ""):
         self.source, self.shapes, self.read, self.suffix = source, shapes, read, suffix
+        self.used: set[str] = set()
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         name, shape = name + self.suffix, tuple(shape)
+        self.used.add(name)
         if name not in self.shapes:
             raise ConvertError(f"{self.source}: missing tensor {name} (expected shape {shape})")
         if tuple(self.shapes[name]) != shape:
             raise ConvertError(f"{self.source}: tensor {name} has shape {tuple(self.shapes[name])}, expected {shape} "
                                f"(does the configuration match the file?)")
         return torch.as_tensor(self.read(name)).to(torch.float64)
+
+    def check_all_used(self, names) -> None:
+        """A weight left over means the file holds a bigger model than the configuration."""
+        left = sorted(set(names) - self.used)
+        if left:
+            raise ConvertError(f"{self.source}: tensor {left[0]}{f' (and {len(left) - 1} more)' if len(left) > 1 else ''} "
+                               f"has no place in a model of this configuration (does the configuration match the file?)")
 
 
 def _config(source: str, inferred: dict, given: dict) -> ModelConfig:
@@ -224,7 +234,7 @@ def from_pclucas14(path: str | os.PathLike, *, image_size=None, channels: int | 
     config = _config(source, inferred, given)
 
     def effective(name, module, pc_name):
-        out = module.v.shape[module._out_dim]
+        out = module.b.shape[0]
         if isinstance(module, ShiftedConvTranspose2d):  # torch's weight_norm: dim 0, the *input* channels
             v = tensors(f"{pc_name}.weight_v", module.v.shape)
             weight = _normalised(v, tensors(f"{pc_name}.weight_g", (v.shape[0], 1, 1, 1)), 0)
@@ -235,7 +245,9 @@ def from_pclucas14(path: str | os.PathLike, *, image_size=None, channels: int | 
             weight = _normalised(v, g, 0).reshape(module.v.shape)
         return weight, tensors(f"{pc_name}.bias", (out,))
 
-    return _assemble(config, effective, dtype)
+    model = _assemble(config, effective, dtype)
+    tensors.check_all_used(state)
+    return model
 
 
 # --------------------------------------------------------------------------- openai/pixel-cnn
@@ -268,7 +280,7 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
         raise ConvertError(str(err)) from None
     source = f"openai checkpoint {prefix}"
     names = bundle.shapes
-    scope = next((n[:-len("conv2d_0/V")] for n in names if n.endswith("conv2d_0/V")), None)
+    scope = next((m.group(1) for n in names if (m := re.fullmatch(f"(.*)conv2d_0/V({EMA_SUFFIX})?", n))), None)
     if scope is None:
         raise ConvertError(f"{source}: no variable model/conv2d_0/V: not a PixelCNN++ checkpoint of openai/pixel-cnn")
     if any(n.startswith(f"{scope}nonlocal") for n in names):
@@ -279,16 +291,18 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
     if not suffix:
         _notice(f"{prefix} holds no Polyak-averaged (ExponentialMovingAverage) weights: converting the raw weights")
 
-    convs = sum(1 for n in names if re.fullmatch(re.escape(scope) + r"conv2d_\d+/V", n))
-    first = names[f"{scope}conv2d_0/V"]
-    last = names.get(f"{scope}dense_{(convs - 15) // 24 * 9 + 4}/V")
+    def shape(variable: str) -> tuple[int, ...] | None:
+        return names.get(f"{scope}{variable}{suffix}")
+
+    convs = sum(1 for n in names if re.fullmatch(re.escape(scope) + r"conv2d_\d+/V" + re.escape(suffix), n))
+    first, last = shape("conv2d_0/V"), shape(f"dense_{(convs - 15) // 24 * 9 + 4}/V")
     if (convs - 15) % 24 or convs < 39 or last is None:
         raise ConvertError(f"{source}: {convs} conv2d layers do not make a PixelCNN++ of the original's layout "
                            f"(24 * nr_resnet + 15, and dense_(9 * nr_resnet + 4) as the output layer)")
     given = dict(image_size=image_size, channels=channels, nr_resnet=nr_resnet, nr_filters=nr_filters,
                  nr_logistic_mix=nr_logistic_mix)
-    factor = names.get(f"{scope}conv2d_3/V", (0, 0, 0))[2] // first[3]
-    hw = names.get(f"{scope}conditional_weights_0/hw")
+    factor = (shape("conv2d_3/V") or (0, 0, 0))[2] // first[3]
+    hw = shape("conditional_weights_0/hw")
     inferred = dict(nr_filters=first[3], nr_resnet=(convs - 15) // 24, dropout=0.5,
                     num_classes=None if hw is None else hw[0],
                     resnet_nonlinearity=resnet_nonlinearity or ("concat_elu" if factor == 2 else None),
@@ -323,7 +337,10 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
         weight = weight.permute(3, 2, 0, 1) if kind != "dense" else weight.T[:, :, None, None]
         return weight, variable(kind, "b", (v.shape[out_axis],))
 
-    return _assemble(config, effective, dtype)
+    model = _assemble(config, effective, dtype)
+    layer_variable = re.escape(scope) + r"(conv2d|deconv2d|dense|conditional_weights)_\d+/(V|g|b|hw)" + re.escape(suffix)
+    tensors.check_all_used(n for n in names if re.fullmatch(layer_variable, n))
+    return model
 
 
 # --------------------------------------------------------------------------- command line

@@ -334,18 +334,19 @@ def compare(params, reference, channels, tolerance):
 
 
 # --------------------------------------------------------------------------- tests
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_pclucas14_conversion_matches_its_forward_pass(tmp_path, channels, dtype, tolerance):
-    state = pclucas14_state_dict(channels, nr_resnet=1, nr_filters=8, nr_mix=2)
-    path = tmp_path / "model.pth"
-    torch.save({f"module.{k}": v.float() if dtype == torch.float32 else v for k, v in state.items()}, path)
-    model = convert.from_pclucas14(path, image_size=(8, 12), dtype=dtype)
-    assert model.config.channels == channels and model.config.nr_filters == 8 and model.config.nr_logistic_mix == 2
+def test_pclucas14_conversion_matches_its_forward_pass(tmp_path, channels):
+    state = {k: v.float() for k, v in pclucas14_state_dict(channels, nr_resnet=1, nr_filters=8, nr_mix=2).items()}
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "m.pth")  # as saved from nn.DataParallel
     x = torch.randint(0, 256, (2, channels, 8, 12)) / 127.5 - 1
-    reference = pclucas14_forward({k: v.float().double() if dtype == torch.float32 else v for k, v in state.items()},
-                                  x.double(), nr_resnet=1)
-    compare(model(x.to(dtype)), reference, channels, tolerance)
+    reference = pclucas14_forward({k: v.double() for k, v in state.items()}, x.double(), nr_resnet=1)
+    for dtype, tolerance in TOLERANCES.items():
+        model = convert.from_pclucas14(tmp_path / "m.pth", image_size=(8, 12), dtype=dtype)
+        assert (model.config.channels, model.config.nr_filters, model.config.nr_logistic_mix) == (channels, 8, 2)
+        compare(model(x.to(dtype)), reference, channels, tolerance)
 
 
 def test_pclucas14_reads_the_parametrizations_spelling_of_weight_norm(tmp_path):
@@ -394,26 +395,28 @@ def test_bits_per_dim_on_mnist_match_the_source_likelihood(tmp_path, source, sca
 
 
 @pytest.mark.parametrize("channels, num_classes, coords", [(1, None, False), (3, 4, False), (1, 10, True), (3, None, True)])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_openai_conversion_matches_its_forward_pass(tmp_path, channels, num_classes, coords, dtype, tolerance):
+def test_openai_conversion_matches_its_forward_pass(tmp_path, channels, num_classes, coords):
     variables = openai_variables(channels, 1, 8, 2, num_classes=num_classes, add_coords=coords)
     write_bundle(tmp_path / "params.ckpt", variables)
-    model = convert.from_openai(tmp_path / "params.ckpt.index", image_size=8, dtype=dtype)
-    assert (model.config.channels, model.config.num_classes, model.config.coordconv) == (channels, num_classes, coords)
     x = torch.randint(0, 256, (2, channels, 8, 8)) / 127.5 - 1
     labels = None if num_classes is None else torch.tensor([1, num_classes - 1])
     h = None if labels is None else torch.eye(num_classes, dtype=torch.float64)[labels]
     reference = OpenAIModel(variables, ema=True)(x.double().permute(0, 2, 3, 1), h, nr_filters=8, add_coords=coords)
-    compare(model(x.to(dtype), labels), reference, channels, tolerance)
+    for dtype, tolerance in TOLERANCES.items():
+        model = convert.from_openai(tmp_path / "params.ckpt.index", image_size=8, dtype=dtype)
+        assert (model.config.channels, model.config.num_classes, model.config.coordconv) == (channels, num_classes, coords)
+        compare(model(x.to(dtype), labels), reference, channels, tolerance)
 
 
-def test_openai_without_polyak_averages_converts_the_raw_weights_with_a_notice(tmp_path, capsys):
-    variables = {k: v for k, v in openai_variables(1, 1, 8, 2).items() if "Exponential" not in k}
+@pytest.mark.parametrize("averages", [False, True])
+def test_openai_checkpoint_of_only_raw_or_only_averaged_weights_converts(tmp_path, capsys, averages):
+    """Without Polyak averages the raw weights are converted, with a notice."""
+    variables = {k: v for k, v in openai_variables(1, 1, 8, 2).items() if ("Exponential" in k) == averages}
     write_bundle(tmp_path / "ckpt", variables)
     model = convert.from_openai(tmp_path, image_size=8, dtype=torch.float64)
-    assert "no Polyak-averaged" in capsys.readouterr().err
+    assert ("no Polyak-averaged" in capsys.readouterr().err) != averages
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64) * 2 - 1
-    compare(model(x), OpenAIModel(variables)(x.permute(0, 2, 3, 1)), 1, 1e-10)
+    compare(model(x), OpenAIModel(variables, ema=averages)(x.permute(0, 2, 3, 1)), 1, 1e-10)
 
 
 def test_committed_tensorflow_checkpoint_converts_to_its_recipe():
@@ -441,15 +444,20 @@ def test_tensorflow_written_checkpoint_converts_like_ours(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_converts_and_the_model_samples(tmp_path):
-    torch.save(pclucas14_state_dict(1, nr_resnet=1, nr_filters=8, nr_mix=2), tmp_path / "m.pth")
-    out = subprocess.run([sys.executable, "-m", "fastpixel.convert", "--from", "pclucas14", str(tmp_path / "m.pth"),
+@pytest.mark.parametrize("source", ["pclucas14", "openai"])
+def test_cli_converts_and_the_model_samples(tmp_path, source):
+    path = FIXTURE
+    if source == "pclucas14":
+        path = tmp_path / "m.pth"
+        torch.save(pclucas14_state_dict(3, nr_resnet=1, nr_filters=4, nr_mix=2), path)
+    out = subprocess.run([sys.executable, "-m", "fastpixel.convert", "--from", source, str(path),
                           str(tmp_path / "m.safetensors"), "--image_size", "8x12"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stdout
     model = fastpixel.load(tmp_path / "m.safetensors")
-    assert model.config.shape == (8, 12) and model.config.nr_filters == 8
-    assert fastpixel.sample(model, 1, fast=True, seed=0, backend="torch").shape == (1, 1, 8, 12)
+    assert model.config.shape == (8, 12) and model.config.nr_filters == 4 and model.config.channels == 3
+    labels = None if model.config.num_classes is None else [2]
+    assert fastpixel.sample(model, 1, fast=True, seed=0, labels=labels, backend="torch").shape == (1, 3, 8, 12)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -457,6 +465,7 @@ def test_cli_converts_and_the_model_samples(tmp_path):
     ("foreign", "not a pclucas14/pixel-cnn-pp"),
     ("missing", "missing tensor up_layers.0.ul_stream.0.nin_skip.lin_a.weight_g (expected shape (8, 1))"),
     ("wrong_config", "tensor u_init.conv.weight_v has shape (8, 2, 2, 3), expected (16, 2, 2, 3)"),
+    ("bigger_model", "tensor down_layers.0.u_stream.1.conv_input.conv.bias (and 98 more) has no place in a model"),
 ])
 def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, case, message):
     state = pclucas14_state_dict(1, nr_resnet=1, nr_filters=8, nr_mix=2)
@@ -469,7 +478,9 @@ def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, case, mess
         if case == "missing":
             del state["up_layers.0.ul_stream.0.nin_skip.lin_a.weight_g"]
         torch.save(state, path)
-    extra = ["--nr_filters", "16"] if case == "wrong_config" else []
+    extra = {"wrong_config": ["--nr_filters", "16"], "bigger_model": ["--nr_resnet", "1"]}.get(case, [])
+    if case == "bigger_model":
+        torch.save(pclucas14_state_dict(1, nr_resnet=2, nr_filters=8, nr_mix=2), path)
     out = subprocess.run([sys.executable, "-m", "fastpixel.convert", "--from", "pclucas14", str(path),
                           str(tmp_path / "out.safetensors"), *extra], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) <= 2
@@ -482,6 +493,7 @@ def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, case, mess
     ("nonlocal", "fastpixel's non-local block is causally masked"),
     ("missing", "missing tensor model/dense_4/V/ExponentialMovingAverage (expected shape (32, 8))"),
     ("wrong_config", "expected (2, 3, 2, 16)"),
+    ("bigger_model", "tensor model/deconv2d_4/V/ExponentialMovingAverage has no place in a model"),
 ])
 def test_openai_errors_name_the_tensor(tmp_path, case, message):
     variables = openai_variables(1, 1, 8, 2)
@@ -494,6 +506,8 @@ def test_openai_errors_name_the_tensor(tmp_path, case, message):
             variables["model/nonlocal/embA/weights"] = np.zeros((1, 1, 1, 64), np.float32)
         elif case == "missing":
             del variables["model/dense_4/V/ExponentialMovingAverage"]
+        elif case == "bigger_model":
+            variables["model/deconv2d_4/V/ExponentialMovingAverage"] = np.zeros((2, 2, 8, 8), np.float32)
         write_bundle(tmp_path / "ckpt", variables)
     with pytest.raises(convert.ConvertError, match=re.escape(message)):
         convert.from_openai(tmp_path / "ckpt", image_size=8, nr_filters=16 if case == "wrong_config" else None)
