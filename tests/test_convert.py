@@ -8,6 +8,7 @@ written out tap by tap). The transcriptions also create the source checkpoints: 
 weights under the source's names, saved as the source saves them.
 """
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -467,8 +468,8 @@ def test_cli_converts_and_the_model_samples(tmp_path, source):
     ("wrong_config", "tensor u_init.conv.weight_v has shape (8, 2, 2, 3), expected (16, 2, 2, 3)"),
     ("bigger_model", "tensor down_layers.0.u_stream.1.conv_input.conv.bias (and 98 more) has no place in a model"),
 ])
-def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, case, message):
-    state = pclucas14_state_dict(1, nr_resnet=1, nr_filters=8, nr_mix=2)
+def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, capsys, case, message):
+    state = pclucas14_state_dict(1, nr_resnet=2 if case == "bigger_model" else 1, nr_filters=8, nr_mix=2)
     path = tmp_path / "m.pth"
     if case == "not_torch":
         path.write_text("hello")
@@ -479,11 +480,9 @@ def test_pclucas14_errors_name_the_tensor_and_write_nothing(tmp_path, case, mess
             del state["up_layers.0.ul_stream.0.nin_skip.lin_a.weight_g"]
         torch.save(state, path)
     extra = {"wrong_config": ["--nr_filters", "16"], "bigger_model": ["--nr_resnet", "1"]}.get(case, [])
-    if case == "bigger_model":
-        torch.save(pclucas14_state_dict(1, nr_resnet=2, nr_filters=8, nr_mix=2), path)
-    out = subprocess.run([sys.executable, "-m", "fastpixel.convert", "--from", "pclucas14", str(path),
-                          str(tmp_path / "out.safetensors"), *extra], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+    code = convert.main(["--from", "pclucas14", str(path), str(tmp_path / "out.safetensors"), "--image_size", "8", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -511,3 +510,12 @@ def test_openai_errors_name_the_tensor(tmp_path, case, message):
         write_bundle(tmp_path / "ckpt", variables)
     with pytest.raises(convert.ConvertError, match=re.escape(message)):
         convert.from_openai(tmp_path / "ckpt", image_size=8, nr_filters=16 if case == "wrong_config" else None)
+
+
+def test_readme_conversion_commands_are_valid():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use a model you already trained", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^python -m fastpixel\.convert (.*)$", section, re.M)
+    assert len(commands) == 2
+    for command in commands:
+        convert.parse_args(shlex.split(command))
