@@ -6,7 +6,7 @@ compared with tests/test_convert.py's transcriptions of the sources on the real 
 set: mixture parameters (max |difference|) and bits/dim under the sources' own likelihood,
 tiny-bin fallback included. Then sampling time, naive against cached, for converted models.
 
-    python tests/measure_convert.py --images 10000
+    python tests/measure_convert.py --images 1000
 """
 import argparse
 import sys
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastpixel  # noqa: E402
 from fastpixel import convert  # noqa: E402
 from fastpixel.layers import ShiftedConvTranspose2d  # noqa: E402
-from tests.test_convert import (SHARED_DATA, OpenAIModel, compare, pclucas14_forward, pclucas14_state_dict,  # noqa: E402
+from tests.test_convert import (SHARED_DATA, OpenAIModel, pclucas14_forward, pclucas14_state_dict,  # noqa: E402
                                 source_nll, unpack, unpack_fastpixel, write_bundle)
 from fastpixel.data import load_dataset  # noqa: E402
 
@@ -56,6 +56,7 @@ def timed(fn):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--sources", default="pclucas14,openai", help="which conversions to compare (comma-separated)")
     parser.add_argument("--work", default="/tmp/fastpixel_convert_measure")
     args = parser.parse_args()
     work = Path(args.work)
@@ -63,16 +64,20 @@ def main():
     torch.set_num_threads(2)
     test = load_dataset("mnist", SHARED_DATA, "test", download=False)
     images = test.images[:args.images]
+    bundled = fastpixel.load("mnist").config
     pc, tf = export(fastpixel.load("mnist"))
     torch.save(pc, work / "mnist_pclucas14.pth")
     write_bundle(work / "mnist_openai.ckpt", tf)
     sources = {
         "pclucas14": (lambda dtype: convert.from_pclucas14(work / "mnist_pclucas14.pth", dtype=dtype),
-                      lambda x: pclucas14_forward({k: v.double() for k, v in pc.items()}, x.permute(0, 3, 1, 2), 1)),
+                      lambda x: pclucas14_forward({k: v.double() for k, v in pc.items()}, x.permute(0, 3, 1, 2),
+                                                   bundled.nr_resnet)),
         "openai": (lambda dtype: convert.from_openai(work / "mnist_openai.ckpt", dtype=dtype),
-                   lambda x: OpenAIModel(tf, ema=True)(x, nr_filters=32)),
+                   lambda x: OpenAIModel(tf, ema=True)(x, nr_resnet=bundled.nr_resnet, nr_filters=bundled.nr_filters,
+                                                       nr_logistic_mix=bundled.nr_logistic_mix)),
     }
-    for source, (converted, reference) in sources.items():
+    for source in args.sources.split(","):
+        converted, reference = sources[source]
         models = {dtype: converted(dtype) for dtype in (torch.float64, torch.float32)}
         worst = {dtype: 0.0 for dtype in models}
         theirs = 0.0
@@ -99,7 +104,6 @@ def main():
               f"float32 {worst[torch.float32]:.2e}; bits/dim source {theirs:.6f}, fastpixel float64 "
               f"{ours[torch.float64]:.6f} (diff {ours[torch.float64] - theirs:+.2e}), float32 {ours[torch.float32]:.6f} "
               f"(diff {ours[torch.float32] - theirs:+.2e}); component bins under 1e-5 (fallback): {fallback_bins}")
-        compare(models[torch.float64](images[:2].double() / 127.5 - 1), reference(images[:2].double().permute(0, 2, 3, 1) / 127.5 - 1), 1, 1e-10)
 
     # Sampling speed of converted models: the bundled one, and pclucas14's default CIFAR-10 architecture.
     torch.save({k: v.float() for k, v in pclucas14_state_dict(3, nr_resnet=5, nr_filters=160, nr_mix=10).items()},
@@ -116,7 +120,7 @@ def main():
             cached = min(timed(lambda: fastpixel.sample(model, batch, fast=True, seed=0)) for _ in range(2))
             print(f"{name}, batch {batch}: naive {forward * pixels:.1f} s (est.: one forward {forward * 1000:.1f} ms x {pixels}), "
                   f"cached {cached:.2f} s, speedup {forward * pixels / cached:.0f}x")
-        if model.config.nr_filters == 32:
+        if model.config.channels == 1:  # small enough to run naive sampling in full
             naive = timed(lambda: fastpixel.sample(model, 1, fast=False, seed=0))
             print(f"{name}, batch 1: naive measured in full {naive:.1f} s")
 
