@@ -148,7 +148,7 @@ void tile_rows(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* a
 // weights (a pixel's step at batch 1 is bound by reading them; two cores read twice as
 // fast, and each keeps its half in its own cache). Below both, a parallel region costs more
 // than it saves, and on a busy machine a descheduled thread stalls the others at its end.
-constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 16;
+constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 14;
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // a row's gathers and epilogue: copies, a few operations each
 
 // acc (m, lda)[:, :n] += v (m, k) @ w (k, ldw)[:, :n]. The threads share tasks of a block

@@ -7,11 +7,10 @@
   `TRITON_INTERPRET=1` it also runs on CPU tensors, slowly: that is how it is tested
   without a GPU.
 - `cext`: the C++ engine (`csrc/`, `fastpixel/cext_step.py`) running the same step plan
-  as the Triton backend on CPU tensors, float32 or float64; compiled on first use
-  (`fastpixel/extension.py`). The default on the CPU for steps of up to `CEXT_MAX_STEP`
-  channel-images (batch x nr_filters), where it measured faster than `torch` (beyond it,
-  the two were even: benchmarks/results/cpu_cext.md). Where it cannot be built, the
-  automatic choice warns once and takes `torch`.
+  as the Triton backend, and the per-row work, on CPU tensors, float32 or float64; compiled on first use
+  (`fastpixel/extension.py`). The default on the CPU, where it measured faster than `torch`
+  for every model and batch timed (benchmarks/results/cpu_cext.md). Where it cannot be
+  built, the automatic choice warns once and takes `torch`.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -27,10 +26,6 @@ import torch
 
 NAMES = ("torch", "triton", "cext")
 ENV_VAR = "FASTPIXEL_BACKEND"
-# The largest batch x nr_filters at which the C++ engine measured faster than the PyTorch path
-# on the CPU (MNIST-size batch 64: 4096, 1.2x); the CIFAR configuration at batch 64 (10240)
-# was a tie (0.97x), every smaller step a win (benchmarks/results/cpu_cext.md).
-CEXT_MAX_STEP = 4096
 
 
 class BackendError(ValueError):
@@ -64,15 +59,13 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None =
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
 
 
-def choose(device: torch.device | str, requested: str | None = None, dtype: torch.dtype | None = None,
-           step: int | None = None) -> str:
-    """The backend for tensors on `device` (of `dtype`, steps of `step` = batch x nr_filters
-    channel-images): `requested`, else $FASTPIXEL_BACKEND, else the fastest one that can run
-    there. Raises BackendError if a forced one cannot."""
+def choose(device: torch.device | str, requested: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend for tensors on `device` (of `dtype`): `requested`, else $FASTPIXEL_BACKEND,
+    else the fastest one that can run there. Raises BackendError if a forced one cannot."""
     device = torch.device(device)
     name = requested or os.environ.get(ENV_VAR) or None
     if name is None:
-        return _automatic(device, dtype, step)
+        return _automatic(device, dtype)
     source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
     if name not in NAMES:
         raise BackendError(f"{source}: unknown backend; choose one of {', '.join(NAMES)}")
@@ -82,11 +75,10 @@ def choose(device: torch.device | str, requested: str | None = None, dtype: torc
     return name
 
 
-def _automatic(device: torch.device, dtype: torch.dtype | None, step: int | None) -> str:
+def _automatic(device: torch.device, dtype: torch.dtype | None) -> str:
     if device.type == "cuda":
         return "triton" if why_unavailable("triton", device) is None else "torch"
-    if (device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64))
-            or (step is not None and step > CEXT_MAX_STEP)):
+    if device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64)):
         return "torch"
     reason = why_unavailable("cext", device)
     if reason is None:

@@ -63,8 +63,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch: int) -> tuple[PixelCNNpp, str]:
-    """Check everything a draw needs and load the model; return it and the backend that will
-    run on batches of (at most) `batch` images."""
+    """Check everything a draw in batches of (at most) `batch` images needs and load the
+    model; return it and the backend that will run."""
     if args.num_samples <= 0:
         raise UsageError(f"-n/--num-samples must be positive, got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
@@ -86,8 +86,7 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
     try:  # the images, their gathered copy under torchrun and the grid
         sampling.check_fits(model.config, args.num_samples, batch, copies=3)
-        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args),
-                                           next(model.parameters()).dtype, batch * model.config.nr_filters)
+        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
     return model, backend
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
     n = args.num_samples
     # Rounding the bounds up gives rank 0, whose progress bar is shown, the largest share.
     first, stop = -(-rank * n // world), -(-(rank + 1) * n // world)
-    batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-n // world)))  # every rank's largest batch: one backend for all
+    batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-n // world)))  # every rank's largest batch
     model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0, batch=batch))
     start = time.perf_counter()
     images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=args.label,

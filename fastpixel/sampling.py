@@ -89,7 +89,7 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
-    name = resolve_backend(param.device, fast, backend, param.dtype, min(batch_size, n) * config.nr_filters)
+    name = resolve_backend(param.device, fast, backend, param.dtype)
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
 
@@ -111,17 +111,17 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
 
 
 def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
-                    dtype: torch.dtype | None = None, step: int | None = None) -> str:
+                    dtype: torch.dtype | None = None) -> str:
     """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
-    `dtype` at steps of `step` = batch x nr_filters (fastpixel.backend.choose). Raises a
-    ValueError (a fastpixel.backend.BackendError when it cannot run here) before any work."""
+    `dtype` (fastpixel.backend.choose). Raises a ValueError (a fastpixel.backend.BackendError
+    when it cannot run here) before any work."""
     if fast:
-        return choose(device, requested, dtype, step)  # also checks a backend forced by $FASTPIXEL_BACKEND
+        return choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if requested not in (None, "torch"):
         raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
                          "the naive sampler runs plain PyTorch layers")
     if requested is None and os.environ.get(ENV_VAR):
-        choose(device, None, dtype, step)  # a bad $FASTPIXEL_BACKEND is an error here too
+        choose(device, None, dtype)  # a bad $FASTPIXEL_BACKEND is an error here too
     return "torch"
 
 
