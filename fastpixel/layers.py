@@ -47,7 +47,10 @@ class _WeightNormed(nn.Module):
 
     def __init__(self, v_shape: tuple[int, ...], init_scale: float = 1.0):
         super().__init__()
-        self.v = nn.Parameter(torch.randn(v_shape) * 0.05)
+        v = torch.empty(v_shape)
+        if not v.is_meta:  # on the meta device (fastpixel.load checks shapes there), drawing costs a second of imports
+            v = torch.randn(v_shape) * 0.05
+        self.v = nn.Parameter(v)
         out = v_shape[self._out_dim]
         self.g = nn.Parameter(torch.ones(out))
         self.b = nn.Parameter(torch.zeros(out))
