@@ -6,7 +6,7 @@ compared with tests/test_convert.py's transcriptions of the sources on the real 
 set: mixture parameters (max |difference|) and bits/dim under the sources' own likelihood,
 tiny-bin fallback included. Then sampling time, naive against cached, for converted models.
 
-    python tests/measure_convert.py --images 1000
+    python benchmarks/measure_convert.py --images 1000
 """
 import argparse
 import sys
