@@ -167,8 +167,11 @@ class GatedResnet(nn.Module):
         self.conv_out = ShiftedConv2d(factor * channels, 2 * channels, kernel_size, shift, init_scale=0.1)
         self.class_bias = None
         if num_classes is not None:
-            self.class_bias = nn.Embedding(num_classes, 2 * channels)
-            nn.init.normal_(self.class_bias.weight, 0.0, 0.05)
+            bias = torch.empty(num_classes, 2 * channels)
+            if not bias.is_meta:  # no drawing on the meta device (see _WeightNormed)
+                bias.normal_()  # nn.Embedding's own first draw, kept so that a seed gives the same model as before
+                bias.normal_(0.0, 0.05)
+            self.class_bias = nn.Embedding(num_classes, 2 * channels, _weight=bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
