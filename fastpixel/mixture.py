@@ -9,10 +9,12 @@ Bin masses are computed as log(sigmoid(a) - sigmoid(b)) in a form that never sub
 nearly equal numbers, so every bin gets its exact mass in float32 too; the original's
 tiny-bin fallback (log-density times bin width when the difference underflows) is what
 this replaces, and the two agree wherever that approximation is accurate.
+
+`nll` and `focal_nll` hand CUDA tensors to a fused Triton kernel with the same loss and its
+gradient (kernels/mixture_nll.py); fastpixel.backend.choose_loss decides, and everywhere
+else, unless told otherwise, the loss is the PyTorch code below.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +107,8 @@ def _fused(params: torch.Tensor, backend: str | None):
     """kernels/mixture_nll.py when fastpixel.backend.choose_loss picks Triton, else None."""
     if choose_loss(params.device, backend) != "triton":
         return None
-    return importlib.import_module(f"{__package__}.kernels.mixture_nll")
+    from .kernels import mixture_nll  # imports Triton: only when it runs (an import statement torch.compile traces)
+    return mixture_nll
 
 
 def nll(params: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:

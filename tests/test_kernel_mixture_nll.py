@@ -161,6 +161,23 @@ def test_opcheck_passes():
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_torch_compile_traces_mixture_focal_nll_through_the_op_in_one_graph():
+    """fullgraph=True fails on any graph break (the dispatch included); aot_eager runs the
+    traced forward and backward graphs, which must hold the custom op."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    params, x = random_inputs(2, 3, 2, 2, 3, torch.float64, seed=6)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda p, x: mixture.focal_nll(p, x, 2.0, backend="triton"), backend=counter,
+                             fullgraph=True)
+    loss, grad = loss_and_grad(compiled, params, x)
+    eager_loss, eager_grad = loss_and_grad(kernel(2.0), params, x)
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0)
+    targets = [str(node.target) for graph in counter.graphs for node in graph.graph.nodes]
+    assert "fastpixel.mixture_nll.default" in targets
+
+
 def test_mixture_nll_takes_the_kernel_only_where_chosen(monkeypatch):
     """One dispatch point: on the CPU the loss stays PyTorch's unless Triton is forced."""
     monkeypatch.delenv("FASTPIXEL_BACKEND", raising=False)
