@@ -29,6 +29,8 @@ implementation and a registered backward, so torch.compile traces through it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -331,11 +333,17 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
 
 
 # --------------------------------------------------------------------------- autograd op
+def _run(op: MixtureNll, device: torch.device) -> None:
+    # Triton launches on the current CUDA device: make it the tensors' (a no-op on the CPU)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        op()
+
+
 @torch.library.custom_op("fastpixel::mixture_nll", mutates_args=())
 def _nll_per_pixel(params: torch.Tensor, x: torch.Tensor, gamma: float, focal: bool) -> torch.Tensor:
     loss = x.new_empty(x.shape[0], *x.shape[2:])
     if loss.numel():
-        MixtureNll(params, x, torch.tensor([gamma], dtype=torch.float64, device=x.device), loss, focal)()
+        _run(MixtureNll(params, x, torch.tensor([gamma], dtype=torch.float64, device=x.device), loss, focal), x.device)
     return loss
 
 
@@ -350,7 +358,7 @@ def _nll_per_pixel_backward(grad: torch.Tensor, params: torch.Tensor, x: torch.T
     out = torch.empty_like(params)
     if out.numel():
         gamma_t = torch.tensor([gamma], dtype=torch.float64, device=x.device)
-        MixtureNll(params, x, gamma_t, out, focal, grad.to(x.dtype).contiguous())()
+        _run(MixtureNll(params, x, gamma_t, out, focal, grad.to(x.dtype).contiguous()), x.device)
     return out
 
 
