@@ -1,4 +1,4 @@
-"""Which implementation runs the cached sampler's per-pixel work: the one place that decides.
+"""Which implementation runs the cached sampler's per-pixel work, and the mixture loss: the one place that decides.
 
 - `torch`: plain PyTorch (`fastpixel/cache.py`), everywhere; the fallback when neither
   engine below can run.
@@ -11,6 +11,9 @@
   (`fastpixel/extension.py`). The default on the CPU, where it measured faster than `torch`
   for every model and batch timed (benchmarks/results/cpu_cext.md). Where it cannot be
   built, the automatic choice warns once and takes `torch`.
+
+The mixture loss (`mixture.nll`, `mixture.focal_nll`) has two of them, chosen by
+`choose_loss`: `triton` (kernels/mixture_nll.py) for CUDA tensors, `torch` elsewhere.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -73,6 +76,23 @@ def choose(device: torch.device | str, requested: str | None = None, dtype: torc
     if reason is not None:
         raise BackendError(f"{source} cannot run here: {reason}")
     return name
+
+
+def choose_loss(device: torch.device | str, requested: str | None = None) -> str:
+    """Who computes the mixture loss (`fastpixel.mixture.nll`, `focal_nll`): "triton" (the
+    fused kernels, kernels/mixture_nll.py) or "torch". `requested`, else $FASTPIXEL_BACKEND,
+    forces one as `choose` does; the C++ engine has no loss, so $FASTPIXEL_BACKEND=cext (which
+    picks the sampler's engine) leaves the loss to PyTorch, and requesting "cext" is an error.
+    Automatically: Triton for CUDA tensors when it imports, PyTorch on every other device."""
+    device = torch.device(device)
+    if requested == "cext":
+        raise BackendError("backend 'cext': the C++ engine has no mixture loss; choose torch or triton")
+    name = requested or os.environ.get(ENV_VAR) or None
+    if name == "cext":
+        return "torch"
+    if name is None:
+        return "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
+    return choose(device, requested)
 
 
 def _automatic(device: torch.device, dtype: torch.dtype | None) -> str:

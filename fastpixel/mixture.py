@@ -9,11 +9,17 @@ Bin masses are computed as log(sigmoid(a) - sigmoid(b)) in a form that never sub
 nearly equal numbers, so every bin gets its exact mass in float32 too; the original's
 tiny-bin fallback (log-density times bin width when the difference underflows) is what
 this replaces, and the two agree wherever that approximation is accurate.
+
+`nll` and `focal_nll` hand CUDA tensors to a fused Triton kernel with the same loss and its
+gradient (kernels/mixture_nll.py); fastpixel.backend.choose_loss decides, and everywhere
+else, unless told otherwise, the loss is the PyTorch code below.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .backend import choose_loss
 
 MIN_LOG_SCALE = -7.0
 HALF_BIN = 1.0 / 255.0  # half the spacing of the 256-level grid on [-1, 1]
@@ -97,20 +103,37 @@ def _component_log_probs(params: torch.Tensor, x: torch.Tensor) -> tuple[torch.T
     return torch.stack(per_channel, dim=1), torch.log_softmax(logits, dim=1)
 
 
-def nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _fused(params: torch.Tensor, backend: str | None):
+    """kernels/mixture_nll.py when fastpixel.backend.choose_loss picks Triton, else None."""
+    if choose_loss(params.device, backend) != "triton":
+        return None
+    from .kernels import mixture_nll  # imports Triton: only when it runs (an import statement torch.compile traces)
+    return mixture_nll
+
+
+def nll(params: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Negative log-likelihood in nats per image, (B,), of images x (B, C, H, W) on the
-    256-level grid in [-1, 1] under mixture parameters (B, P, H, W)."""
+    256-level grid in [-1, 1] under mixture parameters (B, P, H, W). `backend` ("torch",
+    "triton"; None: $FASTPIXEL_BACKEND, else Triton's fused kernel for CUDA tensors and
+    PyTorch elsewhere) says who computes it (fastpixel.backend.choose_loss)."""
+    fused = _fused(params, backend)
+    if fused is not None:
+        return fused.nll(params, x)
     log_probs, log_weights = _component_log_probs(params, x)
     per_pixel = torch.logsumexp(log_weights + log_probs.sum(dim=1), dim=1)
     return -per_pixel.flatten(1).sum(dim=1)
 
 
-def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0, backend: str | None = None) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) per image, (B,): the sum over sub-pixels of
     -(1 - P)^gamma log P, where P = P(x_c | x_<c, context) comes from the chain rule inside
-    the pixel (mixture weights updated by the earlier channels). Equal to `nll` at gamma = 0."""
+    the pixel (mixture weights updated by the earlier channels). Equal to `nll` at gamma = 0.
+    `backend` as for `nll`."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
+    fused = _fused(params, backend)
+    if fused is not None:
+        return fused.focal_nll(params, x, gamma)
     log_probs, log_weights = _component_log_probs(params, x)
     # log P(x_<=c): mixture of the running products over channels; differences give conditionals.
     joint = torch.logsumexp(log_weights.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # (B, C, H, W)

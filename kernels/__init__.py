@@ -9,10 +9,14 @@ here. The cached sampler's per-pixel work (`fastpixel/fused_step.py`) is made of
 - `column_copy`: a column of channels moved between buffers at the current pixel;
 - `mixture_sample`: a pixel drawn from the discretised logistic mixture.
 
+Training's loss has its own: `mixture_nll`, the mixture's negative log-likelihood (and its
+focal form) with its gradient, registered as a `torch.library.custom_op`, which
+`fastpixel.mixture.nll` and `focal_nll` call where `fastpixel.backend.choose_loss` says.
+
 What each computes on which tensors is an op bound once (`ops.py`: ColumnConv, ColumnCopy,
 SamplePixel) that reads the pixel's position from a device tensor, so a CUDA graph can
 replay it; `ops.py` does not import Triton, and the C++ engine runs the same ops. Kernels
 are tested on the CPU under TRITON_INTERPRET=1 and on a GPU when one is present;
-tests/test_kernels_compile.py compiles every launch the fused sampler makes for sm_80 and
-sm_90 on any machine.
+tests/test_kernels_compile.py compiles every launch the fused sampler and the loss make for
+sm_80 and sm_90 on any machine.
 """

@@ -8,9 +8,10 @@ bfloat16.
 
 What is compiled is what the fused sampler launches: `fastpixel.fused_step.aot_specs`
 lists every distinct launch of its steps, each as (jit function, signature, constexprs,
-options), for a model configuration, batch and dtype; the test also checks that every
-kernel in kernels/ is among them. The compiles run in one subprocess, because
-`@triton.jit` returns an interpreter object when TRITON_INTERPRET is set at import
+options), for a model configuration, batch and dtype; and so does what training launches:
+`fastpixel.kernels.mixture_nll.aot_specs` lists the loss and its gradient, plain and focal.
+The test also checks that every kernel in kernels/ is among them. The compiles run in one
+subprocess, because `@triton.jit` returns an interpreter object when TRITON_INTERPRET is set at import
 (tests/conftest.py sets it). Compiled kernels land in Triton's cache, so a rerun of
 unchanged kernels takes seconds.
 """
@@ -34,6 +35,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 import fastpixel, fastpixel.kernels
 from fastpixel.fused_step import aot_specs
+from fastpixel.kernels import mixture_nll
 
 archs, batch = json.loads(sys.argv[1])
 kernels = sorted(f"{info.name}.{name}" for info in pkgutil.iter_modules(fastpixel.kernels.__path__)
@@ -43,7 +45,7 @@ print(json.dumps(dict(kernels=kernels)), flush=True)
 configs = {"mnist": fastpixel.load("mnist").config, "cifar": fastpixel.ModelConfig()}  # the defaults are CIFAR's
 for name, config in configs.items():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for fn, signature, constexprs, options in aot_specs(config, batch, dtype):
+        for fn, signature, constexprs, options in aot_specs(config, batch, dtype) + mixture_nll.aot_specs(config, batch, dtype):
             for arch in archs:
                 start = time.perf_counter()
                 source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
@@ -62,7 +64,8 @@ def test_every_kernel_compiles_to_a_cubin_for_sm80_and_sm90():
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     every_kernel, compiled = set(lines[0]["kernels"]), lines[1:]
     assert every_kernel >= {"column_conv._column_conv_kernel", "column_copy._column_copy_kernel",
-                            "mixture_sample._mixture_sample_kernel"}
+                            "mixture_sample._mixture_sample_kernel", "mixture_nll._mixture_nll_kernel",
+                            "mixture_nll._mixture_nll_backward_kernel"}
     assert {line["kernel"] for line in compiled} == every_kernel
     assert {(line["config"], line["dtype"], line["arch"]) for line in compiled} == {
         (c, d, a) for c in ("mnist", "cifar") for d in ("torch.float32", "torch.float64", "torch.bfloat16") for a in ARCHS}
