@@ -17,7 +17,8 @@ echo "== install"
 "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 echo "== GPU tests"
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernel_column_conv.py \
-    tests/test_kernel_column_copy.py tests/test_kernel_mixture_sample.py tests/test_fused_step.py \
+    tests/test_kernel_column_copy.py tests/test_kernel_mixture_sample.py tests/test_kernel_mixture_nll.py \
+    tests/test_fused_step.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 tests=${PIPESTATUS[0]}
 echo "== benchmark"
