@@ -171,6 +171,16 @@ void gemm(const T* v, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, 
     }
 }
 
+// One output position's accumulated values into its output: with a residual x, the gate
+// x + a * sigmoid(b) of the halves (a, b) of its 2n values; without, its n values as they are.
+template <class T> void epilogue(const T* row, const T* x, int64_t n, T* out) {
+    if (x != nullptr) {
+        for (int64_t i = 0; i < n; ++i) out[i] = x[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
+    } else {
+        std::memcpy(out, row, n * sizeof(T));
+    }
+}
+
 // kernels/column_conv.py: one output column of a shifted convolution for the whole batch.
 template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
     const int64_t* a = op.a;
@@ -226,16 +236,7 @@ template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vect
         gemm(columns, batch, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
-    for (int64_t b = 0; b < batch; ++b) {
-        const T* row = acc.data() + b * n_out;
-        T* o = out + b * sob;
-        if (gate) {  // x + a * sigmoid(b)
-            const T* r = res + b * srb;
-            for (int64_t i = 0; i < n; ++i) o[i] = r[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
-        } else {
-            for (int64_t i = 0; i < n; ++i) o[i] = row[i];
-        }
-    }
+    for (int64_t b = 0; b < batch; ++b) epilogue(acc.data() + b * n_out, gate ? res + b * srb : nullptr, n, out + b * sob);
 }
 
 // kernels/column_copy.py: a column's channels from one buffer to another.
@@ -394,14 +395,7 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t at = 0; at < m; ++at) {
         const int64_t b = at / width, j = at % width;
-        const T* row = acc.data() + at * n_out;
-        T* o = out + b * sob + j * soj;
-        if (gate) {
-            const T* x = res + b * srb + j * srj;
-            for (int64_t i = 0; i < n; ++i) o[i] = x[i] + row[i] * (T(1) / (T(1) + fast_exp(-row[n + i])));
-        } else {
-            for (int64_t i = 0; i < n; ++i) o[i] = row[i];
-        }
+        epilogue(acc.data() + at * n_out, gate ? res + b * srb + j * srj : nullptr, n, out + b * sob + j * soj);
     }
 }
 
