@@ -1,5 +1,6 @@
-"""Model files: safetensors weights with the ModelConfig as JSON metadata, so loading
-never unpickles anything. Writes are atomic: a killed save leaves the old file intact.
+"""Model files: safetensors weights with the model's config as JSON metadata and its family
+in the format tag, so loading never unpickles anything. Writes are atomic: a killed save
+leaves the old file intact.
 
 Loading trusts nothing it reads: the header's tensor names, dtypes and shapes are checked
 against the config before any weight is read or any layer built (a config that lies about
@@ -16,12 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .families import FAMILIES, Family, family_named, family_of
 from .integrity import tensors_digest
-from .model import PixelCNNpp
 
-FORMAT = "fastpixel.PixelCNNpp/2"  # /2 files carry a digest; /1 files (written before digests) load unchecked
-_FORMATS = ("fastpixel.PixelCNNpp/1", FORMAT)
+# "fastpixel.<model class>/2" (Family.format); /2 files carry a digest. PixelCNN++ files
+# written before digests ("/1") load unchecked.
+_LEGACY_FORMAT = "fastpixel.PixelCNNpp/1"
+_FAMILY_OF_FORMAT = {**{f.format: f for f in FAMILIES.values()}, _LEGACY_FORMAT: FAMILIES["pixelcnnpp"]}
 _DIGEST = "sha256"  # the metadata key of the digest
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; every weight of a model is floating point
 MODEL_FILE = "model.safetensors"  # the file `load` looks for inside a directory
@@ -32,14 +34,13 @@ class CheckpointError(ValueError):
     """A file that is not a readable fastpixel model."""
 
 
-def save(model: PixelCNNpp, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's weights and config to `path` (a .safetensors file), atomically, with
-    the SHA-256 digest that `load` checks; `metadata` adds strings of your own (e.g. a training step)."""
-    if not isinstance(model, PixelCNNpp):
-        raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
+def save(model, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a model's weights, config and family to `path` (a .safetensors file), atomically,
+    with the SHA-256 digest that `load` checks; `metadata` adds strings of your own (e.g. a training step)."""
+    family = family_of(model)
     path = Path(path)
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    metadata = {**(metadata or {}), "format": FORMAT, "config": model.config.to_json()}
+    metadata = {**(metadata or {}), "format": family.format, "config": model.config.to_json()}
     metadata[_DIGEST] = tensors_digest(metadata, tensors)
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -98,10 +99,12 @@ def _model_file(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no fastpixel model file at {path}")
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> PixelCNNpp:
+def load(path: str | os.PathLike, device: str | torch.device | None = None, family: str | None = None):
     """A model (float32, eval mode) from a file written by `save`, a directory holding
     `model.safetensors` (a training run's save_dir), or the name of a bundled model ("mnist").
+    `family` ("pixelcnnpp", "pixelcnn", "gated") refuses a model of any other family.
     A damaged, foreign or inconsistent file raises a CheckpointError that names it."""
+    required = None if family is None else family_named(family)
     path = _model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fastpixel model file at {path}")
@@ -112,33 +115,38 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> P
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            config = _config(path, metadata)
-            _check_header(path, config, {name: f.get_slice(name) for name in f.keys()})
+            found, config = _config(path, metadata)
+            if required is not None and found is not required:
+                raise CheckpointError(f"{path} holds a {found.title} model, but a {required.title} model is required here")
+            _check_header(path, found.model, config, {name: f.get_slice(name) for name in f.keys()})
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     _check_contents(path, metadata, tensors)
-    model = PixelCNNpp(config)
+    model = found.model(config)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     return model.to(device or "cpu").eval()
 
 
-def _config(path: Path, metadata: dict[str, str]) -> ModelConfig:
-    if metadata.get("format") not in _FORMATS or "config" not in metadata:
-        raise CheckpointError(f"{path} is a safetensors file but not a fastpixel model (no '{FORMAT}' metadata)")
+def _config(path: Path, metadata: dict[str, str]) -> tuple[Family, object]:
+    """The file's family and config."""
+    family = _FAMILY_OF_FORMAT.get(metadata.get("format"))
+    if family is None or "config" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a fastpixel model (no 'fastpixel.<model>/2' "
+                              "format metadata)")
     try:
-        return ModelConfig.from_json(metadata["config"])
+        return family, family.config.from_json(metadata["config"])
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
 
 
-def _check_header(path: Path, config: ModelConfig, stored: dict) -> None:
+def _check_header(path: Path, model_class: type, config, stored: dict) -> None:
     """Names, shapes and dtypes against what the config builds, from the header alone: the
     expected shapes come from a model on the meta device, which allocates nothing."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in PixelCNNpp(config).state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
     for name, shape in expected.items():
         if name not in stored:
             raise CheckpointError(f"{path}: weights do not match its config: tensor {name} of shape {shape} is missing")
@@ -155,7 +163,7 @@ def _check_header(path: Path, config: ModelConfig, stored: dict) -> None:
 
 
 def _check_contents(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-    if metadata["format"] == FORMAT:
+    if metadata["format"] != _LEGACY_FORMAT:
         if _DIGEST not in metadata:
             raise CheckpointError(f"{path} has lost its {_DIGEST} digest: the file is corrupt")
         unsigned = {k: v for k, v in metadata.items() if k != _DIGEST}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mixture
 from .config import ModelConfig
 from .layers import (CausalNonLocal, GatedResnet, Nin, ShiftedConv2d, ShiftedConvTranspose2d,
                      data_dependent_init, down_shift, right_shift)
@@ -101,6 +102,11 @@ class PixelCNNpp(nn.Module):
                 u = self.upsample_u[level - 1](u)
                 ul = self.upsample_ul[level - 1](ul)
         return self.out(F.elu(ul))
+
+    def nll(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood in nats per image, (B,), of x under forward's output
+        (the interface every family gives the trainer and bits_per_dim)."""
+        return mixture.nll(output, x)
 
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
         """The image plus a channel of ones (so zero padding differs from black) and, with

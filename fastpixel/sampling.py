@@ -19,15 +19,17 @@ from tqdm.auto import tqdm
 
 from . import cache, mixture
 from .backend import ENV_VAR, choose
+from .families import family_of
 from .model import PixelCNNpp, check_labels
 
 
 def image_noise(config, seed: int, index: int) -> torch.Tensor:
-    """The uniforms (K + C, H, W), float64 on the CPU, that image `index` of a draw with `seed` consumes."""
+    """The uniforms (config.noise_channels, H, W), float64 on the CPU, that image `index` of a
+    draw with `seed` consumes (PixelCNN++: K + C per pixel; the masked families: C)."""
     # SeedSequence mixes (seed, index) into an independent stream; seed*n + index would collide.
     state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    shape = (config.nr_logistic_mix + config.channels, *config.shape)
+    shape = (config.noise_channels, *config.shape)
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
@@ -38,13 +40,17 @@ def check_fits(config, n: int, batch_size: int, copies: int = 1) -> None:
     """Refuse, before any work, a draw whose memory cannot exist here: `copies` uint8 arrays of
     all n images, plus one batch's float64 noise (made, then stacked) and canvas."""
     pixels = config.shape[0] * config.shape[1]
-    noise_and_canvas = 8 * pixels * (2 * (config.nr_logistic_mix + config.channels) + config.channels)
-    needed = copies * n * config.channels * pixels + batch_size * noise_and_canvas
+    noise_and_canvas = 8 * pixels * (2 * config.noise_channels + config.channels)
+    needed = copies * n * config.channels * pixels * _bytes_per_value(config) + batch_size * noise_and_canvas
     available = _available_memory()
     if needed > available:
         raise ValueError(f"drawing {n} images in batches of {batch_size} needs at least {needed / 2**30:.3g} GiB of "
                          f"memory, more than the {available / 2**30:.3g} GiB available here: ask for fewer images "
                          "or a smaller batch size")
+
+
+def _bytes_per_value(config) -> int:
+    return 8 if getattr(config, "categorical_inputs", False) else 1  # int64 codes, else uint8 images
 
 
 def _available_memory() -> int:
@@ -56,10 +62,11 @@ def _available_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = None,
+def sample(model, n: int, fast: bool = False, seed: int | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
            batch_size: int | None = None, backend: str | None = None, first: int = 0) -> torch.Tensor:
-    """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype.
+    """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype;
+    a prior over discrete codes (categorical_inputs) returns int64 codes (n, H, W).
 
     fast=True uses the incremental activation cache; with the same seed it returns the
     same images as the naive sampler (bit for bit in float64; in lower precision the two
@@ -68,11 +75,10 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
     by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
     cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
     `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
-    fastpixel.backend. `first` > 0 draws images first .. first+n-1 of the seed's sequence,
+    fastpixel.backend (the masked families run on "torch" only). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
     """
-    if not isinstance(model, PixelCNNpp):
-        raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
+    family = family_of(model).name
     config = model.config
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -89,11 +95,12 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
-    name = resolve_backend(param.device, fast, backend, param.dtype)
+    name = resolve_backend(param.device, fast, backend, param.dtype, family)
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
 
-    images = torch.empty((n, config.channels, *config.shape), dtype=torch.uint8)
+    codes = getattr(config, "categorical_inputs", False)
+    images = torch.empty((n, config.channels, *config.shape), dtype=torch.int64 if codes else torch.uint8)
     height = config.shape[0]
     with _eval_mode(model), torch.no_grad(), tqdm(total=-(-n // batch_size) * height, unit="row",
                                                    disable=not progress, desc="sampling") as bar:
@@ -101,20 +108,34 @@ def sample(model: PixelCNNpp, n: int, fast: bool = False, seed: int | None = Non
             stop = min(start + batch_size, n)
             noise = torch.stack([image_noise(config, seed, first + i) for i in range(start, stop)]).to(param.device)
             batch_labels = None if labels is None else labels[start:stop].to(param.device)
-            x = torch.zeros((stop - start, config.channels, *config.shape), dtype=param.dtype, device=param.device)
-            rows = (cache.sample_rows(model, x, noise, batch_labels, backend=name) if fast
-                    else _naive_rows(model, x, noise, batch_labels))
-            for _ in rows:
+            x = torch.zeros((stop - start, config.channels, *config.shape), dtype=torch.int64 if codes else param.dtype,
+                            device=param.device)
+            for _ in _rows(model, family, fast, name, x, noise, batch_labels):
                 bar.update(1)
-            images[start:stop] = to_uint8(x).cpu()
-    return images
+            images[start:stop] = x.cpu() if codes else to_uint8(x).cpu()
+    return images[:, 0] if codes else images
+
+
+def _rows(model, family: str, fast: bool, backend: str, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
+    """The sampler that fills the canvas x in place, yielding after each row."""
+    if not fast:
+        return _naive_rows(model, x, noise, labels)
+    if family == "pixelcnnpp":
+        return cache.sample_rows(model, x, noise, labels, backend=backend)
+    return model.cached_sampler(len(x), labels).rows(x, noise)
 
 
 def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, family: str = "pixelcnnpp") -> str:
     """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
-    `dtype` (fastpixel.backend.choose). Raises a ValueError (a fastpixel.backend.BackendError
-    when it cannot run here) before any work."""
+    `dtype` and `family` (fastpixel.backend.choose). Raises a ValueError (a
+    fastpixel.backend.BackendError when it cannot run here) before any work. The masked
+    families run PyTorch layers only, whatever $FASTPIXEL_BACKEND says."""
+    if family != "pixelcnnpp":
+        if requested not in (None, "torch"):
+            raise ValueError(f"backend {requested!r} serves PixelCNN++ models only: the {family} family "
+                             "samples with PyTorch layers (backend 'torch')")
+        return "torch"
     if fast:
         return choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
     if requested not in (None, "torch"):
@@ -132,13 +153,21 @@ def describe(fast: bool, backend: str, device: torch.device | str) -> str:
     return f"naive sampling (a full forward pass per pixel), {backend}, on {device}"
 
 
-def _naive_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
-    """Fill x in place, pixel by pixel, each from a full forward pass; yield after each row."""
+def _naive_rows(model, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
+    """Fill x in place, pixel by pixel, each from a full forward pass (PixelCNN++ draws a
+    pixel's colours jointly; the masked families one colour per pass); yield after each row."""
     height, width = x.shape[2:]
+    masked = not isinstance(model, PixelCNNpp)
     for r in range(height):
         for c in range(width):
-            params = model(x, labels)[:, :, r:r + 1, c:c + 1]
-            x[:, :, r:r + 1, c:c + 1] = mixture.sample(params, noise=noise[:, :, r:r + 1, c:c + 1], channels=x.shape[1])
+            here = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
+            if not masked:
+                params = model(x, labels)[here]
+                x[here] = mixture.sample(params, noise=noise[here], channels=x.shape[1])
+                continue
+            for channel in range(model.substeps):
+                logits = model(x[:, 0] if model.config.categorical_inputs else x, labels)[..., r:r + 1, c:c + 1]
+                x[here] = model.draw(logits, noise[here], x[here], channel)
         yield r
 
 
@@ -172,9 +201,10 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def bits_per_dim(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=None,
+def bits_per_dim(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
                  batch_size: int = 256, progress: bool = False) -> float:
-    """Average negative log2-likelihood per sub-pixel of uint8 images (N, C, H, W), in eval mode."""
+    """Average negative log2-likelihood per sub-pixel of uint8 images (N, C, H, W) (or of
+    int codes (N, H, W) for a prior over codes), in eval mode."""
     images = torch.as_tensor(images_uint8)
     if len(images) == 0:
         raise ValueError("bits_per_dim needs at least one image")
@@ -183,20 +213,26 @@ def bits_per_dim(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, lab
 
 
 @torch.no_grad()
-def nll_sum(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=None,
+def nll_sum(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
             batch_size: int = 256, progress: bool = False) -> float:
-    """Total negative log-likelihood in nats of uint8 images (N, C, H, W), in eval mode
-    (sums from several processes add up, which bits_per_dim's averages would not)."""
+    """Total negative log-likelihood in nats of uint8 images (N, C, H, W) (or int codes
+    (N, H, W)), in eval mode (sums from several processes add up, which bits_per_dim's
+    averages would not)."""
     images = torch.as_tensor(images_uint8)
-    if not isinstance(model, PixelCNNpp):
-        raise TypeError(f"model must be a fastpixel.PixelCNNpp, got {type(model).__name__}")
+    family_of(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = model.config
-    expected = (config.channels, *config.shape)
-    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(f"images must be uint8 of shape (N, {', '.join(map(str, expected))}), "
-                         f"got {images.dtype} {tuple(images.shape)}")
+    codes = getattr(config, "categorical_inputs", False)
+    if codes:
+        if images.is_floating_point() or images.dtype == torch.bool or images.dim() != 3 or tuple(images.shape[1:]) != config.shape:
+            raise ValueError(f"codes must be integers of shape (N, {config.shape[0]}, {config.shape[1]}), "
+                             f"got {images.dtype} {tuple(images.shape)}")
+    else:
+        expected = (config.channels, *config.shape)
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be uint8 of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {images.dtype} {tuple(images.shape)}")
     if labels is not None:
         labels = torch.as_tensor(labels)
     check_labels(config, labels, len(images))
@@ -204,8 +240,12 @@ def nll_sum(model: PixelCNNpp, images_uint8: torch.Tensor | np.ndarray, labels=N
     total = 0.0
     with _eval_mode(model):
         for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="bits/dim", unit="batch"):
-            # The likelihood is taken at the exact grid values; bf16 would round them off the grid.
-            x = to_model_input(images[start:start + batch_size].to(param.device), torch.promote_types(param.dtype, torch.float32))
+            chunk = images[start:start + batch_size].to(param.device)
             y = None if labels is None else labels[start:start + batch_size].to(param.device)
-            total += float(mixture.nll(model(x.to(param.dtype), y), x).double().sum())
+            if codes:
+                total += float(model.nll(model(chunk.long(), y), chunk.long()).double().sum())
+                continue
+            # The likelihood is taken at the exact grid values; bf16 would round them off the grid.
+            x = to_model_input(chunk, torch.promote_types(param.dtype, torch.float32))
+            total += float(model.nll(model(x.to(param.dtype), y), x).double().sum())
     return total

@@ -1,8 +1,13 @@
-"""`python -m fastpixel.train`: PixelCNN++ training, on the CPU, one GPU, or many through
-`torchrun` + DistributedDataParallel.
+"""`python -m fastpixel.train`: training any family (PixelCNN++ by default, `--model pixelcnn`
+or `--model gated`), on the CPU, one GPU, or many through `torchrun` + DistributedDataParallel.
 
     python -m fastpixel.train --data_set mnist --data_dir data --save_dir runs/mnist --nr_resnet 3 --nr_filters 64
+    python -m fastpixel.train --model gated --data_set mnist --hidden-fmaps 60 --hidden-layers 8 --save_dir runs/gated
     torchrun --standalone --nproc_per_node 2 -m fastpixel.train --data_set mnist ...
+
+The masked families take the architecture flags of the gated PixelCNN seed (`--causal-ksize`,
+`--hidden-ksize`, `--hidden-fmaps`, `--out-hidden-fmaps`, `--hidden-layers`, `--color-levels`;
+unset ones take the family's defaults); the PixelCNN++ flags (`--nr_resnet` ...) are theirs.
 
 Batches and learning rate: `--batch_size` is per process, so one optimiser step sees
 `batch_size * world_size` images (the global batch), and DDP averages the gradients over
@@ -43,6 +48,8 @@ from . import mixture
 from .checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically
 from .config import NONLINEARITIES, ModelConfig
 from .data import DATASETS, DataError, load_dataset
+from .families import NAMES as FAMILY_NAMES
+from .families import family_named
 from .grid import save_grid
 from .integrity import load_sealed, sealed
 from .usage import UsageError, check_writable, interrupts_raise, report
@@ -55,30 +62,40 @@ STATE_KEYS = ("model", "ema", "optimizer", "schedule", "step", "epoch", "batch_i
 MAX_NONFINITE_IN_A_ROW = 5
 # Arguments a resumed run must repeat: they fix the architecture, the data order or the
 # optimisation (a saved optimiser would silently override a new --lr).
-RESUME_MUST_MATCH = ("data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
+RESUME_MUST_MATCH = ("model", "causal_ksize", "hidden_ksize", "hidden_fmaps", "out_hidden_fmaps", "hidden_layers",
+                     "color_levels", "data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
                      "class_conditional", "coordconv", "nonlocal_block", "seed", "lr", "lr_decay", "polyak_decay",
                      "focal", "gamma", "grad_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastpixel.train", description=__doc__.split("\n")[0])
-    p.add_argument("--data_set", choices=DATASETS, default="cifar10")
+    p.add_argument("--model", choices=FAMILY_NAMES, default="pixelcnnpp", help="the model family (default pixelcnnpp)")
+    p.add_argument("--data_set", "--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--data_dir", default="data", help="where the data set lives (downloaded there when missing)")
     p.add_argument("--no_download", action="store_true", help="never download missing data")
     p.add_argument("--save_dir", default="save", help="checkpoints, metrics.jsonl, curves.png and samples")
+    masked = p.add_argument_group("pixelcnn and gated families (unset: the family's defaults)")
+    for flag, help_text in (("causal_ksize", "kernel size of the first (mask A) layer"),
+                            ("hidden_ksize", "kernel size of the later (mask B) layers"),
+                            ("hidden_fmaps", "features per stack (gated) or h (pixelcnn); RGB: divisible by 3"),
+                            ("out_hidden_fmaps", "features of the output layer; RGB: divisible by 3"),
+                            ("hidden_layers", "gated blocks (gated) or residual blocks (pixelcnn)"),
+                            ("color_levels", "levels per sub-pixel (2..256)")):
+        masked.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", type=int, default=None, help=help_text)
     p.add_argument("--nr_resnet", type=int, default=5)
     p.add_argument("--nr_filters", type=int, default=160)
     p.add_argument("--nr_logistic_mix", type=int, default=10)
     p.add_argument("--resnet_nonlinearity", choices=NONLINEARITIES, default="concat_elu")
     p.add_argument("--dropout_p", type=float, default=0.5)
-    p.add_argument("--max_epochs", type=int, default=5000)
+    p.add_argument("--max_epochs", "--epochs", type=int, default=5000)
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in all")
-    p.add_argument("--batch_size", type=int, default=16, help="images per process per step")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16, help="images per process per step")
     p.add_argument("--init_batch_size", type=int, default=100, help="images for the data-dependent initialisation")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", "--learning-rate", type=float, default=1e-3)
     p.add_argument("--lr_decay", type=float, default=0.999995, help="learning-rate factor per step")
     p.add_argument("--polyak_decay", type=float, default=0.9995, help="EMA decay of the weights per step")
-    p.add_argument("--grad_clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--grad_clip", "--max-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--class_conditional", action="store_true")
     p.add_argument("-ac", "--coordconv", action="store_true", help="add CoordConv channels")
@@ -174,7 +191,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, config: ModelConfig, procs: Processes):
         self.args, self.procs = args, procs
-        self.model = PixelCNNpp(config).to(procs.device)
+        self.model = family_named(args.model).model(config).to(procs.device)
         self.ema = None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=args.lr_decay)
@@ -187,14 +204,16 @@ class Trainer:
         self.nonfinite_in_a_row = 0
 
     def initialise(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
-        x = to_model_input(images.to(self.procs.device))
-        self.model.data_init(x, None if labels is None else labels.to(self.procs.device))
+        """PixelCNN++'s data-dependent initialisation; the masked families start as built."""
+        if isinstance(self.model, PixelCNNpp):
+            x = to_model_input(images.to(self.procs.device))
+            self.model.data_init(x, None if labels is None else labels.to(self.procs.device))
         self.ema = copy.deepcopy(self.model).eval()
 
     def start_from(self, path: str) -> None:
         """Model and EMA from a saved model of the same configuration (a warm start)."""
         try:
-            saved = load(path)
+            saved = load(path, family=self.args.model)
         except (OSError, ValueError) as err:
             raise UsageError(f"--init_from: {err}") from None
         if saved.config != self.model.config:
@@ -254,16 +273,24 @@ def data_identity(data) -> str:
     return f"{len(images)} images {'x'.join(map(str, images.shape[1:]))}, sha256 {digest.hexdigest()[:16]}"
 
 
-def config_from(args: argparse.Namespace, dataset) -> ModelConfig:
+MASKED_FLAGS = ("causal_ksize", "hidden_ksize", "hidden_fmaps", "out_hidden_fmaps", "hidden_layers", "color_levels")
+
+
+def config_from(args: argparse.Namespace, dataset):
     _, channels, height, width = dataset.images.shape
+    num_classes = dataset.num_classes if args.class_conditional else None
     try:
+        if args.model != "pixelcnnpp":
+            sizes = {name: getattr(args, name) for name in MASKED_FLAGS if getattr(args, name) is not None}
+            return family_named(args.model).config(image_size=(height, width), channels=channels,
+                                                   num_classes=num_classes, **sizes)
         return ModelConfig(image_size=(height, width), channels=channels, nr_resnet=args.nr_resnet,
                            nr_filters=args.nr_filters, nr_logistic_mix=args.nr_logistic_mix,
                            num_classes=dataset.num_classes if args.class_conditional else None,
                            dropout=args.dropout_p, resnet_nonlinearity=args.resnet_nonlinearity,
                            coordconv=args.coordconv, nonlocal_block=args.nonlocal_block)
     except ValueError as err:
-        raise UsageError(f"the model cannot take {args.data_set} images ({height}x{width}x{channels}): {err}") from None
+        raise UsageError(f"the {args.model} model cannot take {args.data_set} images ({height}x{width}x{channels}): {err}") from None
 
 
 def check_args(args: argparse.Namespace, procs: Processes) -> None:
@@ -288,6 +315,13 @@ def check_args(args: argparse.Namespace, procs: Processes) -> None:
         raise UsageError("--lr_decay must lie in (0, 1] and --polyak_decay in [0, 1)")
     if not args.lr > 0 or (args.grad_clip is not None and not args.grad_clip > 0) or args.gamma < 0:
         raise UsageError("--lr and --grad_clip must be positive and --gamma must not be negative")
+    if args.model == "pixelcnnpp":
+        given = [f"--{name}" for name in MASKED_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} shape the pixelcnn and gated families; pass --model pixelcnn or "
+                             "--model gated, or use PixelCNN++'s --nr_resnet/--nr_filters/--nr_logistic_mix")
+    elif args.focal or args.coordconv or args.nonlocal_block:
+        raise UsageError(f"--focal, --coordconv and --nonlocal are PixelCNN++ options; the {args.model} family has none")
     if args.amp == "bf16" and procs.device.type != "cuda":
         raise UsageError("--amp bf16 needs a CUDA device; this run is on the CPU")
 
@@ -325,7 +359,7 @@ class Stop(Exception):
         self.code = code
 
 
-def bits_per_dim_of(nats: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+def bits_per_dim_of(nats: torch.Tensor, config) -> torch.Tensor:
     return nats / (config.channels * config.shape[0] * config.shape[1] * math.log(2))
 
 
@@ -381,7 +415,8 @@ def read_state(state_path: Path, args: argparse.Namespace, procs: Processes, sav
         raise UsageError(f"--resume: cannot read {state_path}: {err}") from None
     if missing:
         raise UsageError(f"--resume: {state_path} is not a whole training state: it lacks {', '.join(missing)}")
-    changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a) != getattr(args, a)]
+    defaults = vars(parse_args([]))  # what a state written before an argument existed ran with
+    changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a, defaults[a]) != getattr(args, a)]
     if saved_args.get("batch_size", 0) * state.get("world", 1) != args.batch_size * procs.world:
         changed.append("batch_size (times the number of processes)")
     if changed:
@@ -512,7 +547,7 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
         labels = labels.to(device) if config.num_classes is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             params = net(x, labels)
-        plain = mixture.nll(params.float(), x)
+        plain = trainer.model.nll(params.float(), x)
         loss = mixture.focal_nll(params.float(), x, args.gamma) if args.focal else plain
         loss = bits_per_dim_of(loss.mean(), config)
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -595,7 +630,7 @@ def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog
         return
     log.append(step=trainer.step, epoch=trainer.epoch - 1, test_bpd=test_bpd, train_bpd=train_bpd)
     print(f"epoch {trainer.epoch - 1}: test bits/dim {test_bpd:.4f} (EMA weights)")
-    if args.num_samples:
+    if args.num_samples and not getattr(config, "categorical_inputs", False):
         images = sample(trainer.ema, args.num_samples, fast=True, seed=0)
         save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png")
     plot_curves(log.records(), save_dir / "curves.png")

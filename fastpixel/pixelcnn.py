@@ -1,0 +1,145 @@
+"""PixelCNN with masked convolutions (van den Oord et al. 2016a) and its cached sampler.
+
+A k x k mask-A convolution reads the image; residual blocks of ReLU - 1x1 - ReLU - k x k
+(mask B) - ReLU - 1x1 follow, on a stream of 2h features (h inside the block); then
+ReLU - 1x1 - ReLU - 1x1 gives N logits per sub-pixel. Class conditioning adds a learned
+per-class bias after each block's k x k convolution. The masks zero every tap after the
+centre, so a pixel never sees the part of the row above that lies right of the filter's
+reach (the "blind spot" the gated family removes).
+
+The cached sampler computes, at the start of each row, every k x k convolution's taps on
+the rows above for the whole row; per pixel and colour group c it adds the current row's
+taps and runs group c of the 1x1 layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masked import (CachedSampler, InputFeatures, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
+                     group_slice, groups, pointwise)
+
+
+@dataclass
+class PixelCNNConfig(MaskedConfig):
+    """A PixelCNN: hidden_fmaps is h (the residual stream carries 2h features), hidden_layers
+    the number of residual blocks; 3x3 mask-B convolutions as in the paper."""
+
+    hidden_ksize: int = 3
+    hidden_fmaps: int = 48
+    out_hidden_fmaps: int = 30
+    hidden_layers: int = 7
+
+
+def _masked(config: PixelCNNConfig, in_channels: int, out_channels: int, ksize: int, kind: str) -> MaskedConv2d:
+    """A k x k masked convolution centred on its output (rows below the centre are not stored)."""
+    colours = config.channels
+    return MaskedConv2d(groups(in_channels, colours), groups(out_channels, colours), (ksize // 2 + 1, ksize),
+                        ksize // 2, kind)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, config: PixelCNNConfig):
+        super().__init__()
+        h, colours = config.hidden_fmaps, config.channels
+        self.reduce = pointwise(groups(2 * h, colours), groups(h, colours))
+        self.conv = _masked(config, h, h, config.hidden_ksize, "B")
+        self.expand = pointwise(groups(h, colours), groups(2 * h, colours))
+        self.label_bias = None
+        if config.num_classes is not None:
+            self.label_bias = nn.Embedding(config.num_classes, h)
+            nn.init.zeros_(self.label_bias.weight)
+
+    def bias(self, labels: torch.Tensor | None) -> torch.Tensor | float:
+        """The per-class bias (B, h) added after the k x k convolution (0 without labels)."""
+        return 0.0 if self.label_bias is None else self.label_bias(labels)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        bias = self.bias(labels)
+        if labels is not None:
+            bias = bias[:, :, None, None]
+        t = self.conv(F.relu(self.reduce(F.relu(x)))) + bias
+        return x + self.expand(F.relu(t))
+
+
+class PixelCNN(MaskedFamily):
+    """forward(x, labels=None) -> logits (B, C, N, H, W).
+
+    x: images on the 256-level grid in [-1, 1] (B, C, H, W), or integer codes (B, H, W) with
+    `categorical_inputs`; the logits of sub-pixel (p, c) depend only on the sub-pixels
+    before it in raster order, colours in order within a pixel."""
+
+    def __init__(self, config: PixelCNNConfig):
+        super().__init__()
+        if not isinstance(config, PixelCNNConfig):
+            raise TypeError(f"PixelCNN needs a fastpixel.PixelCNNConfig, got {type(config).__name__}")
+        self.config = config
+        h, colours = config.hidden_fmaps, config.channels
+        self.inputs = InputFeatures(config)
+        self.causal = _masked(config, config.input_channels, 2 * h, config.causal_ksize, "A")
+        self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.hidden_layers))
+        self.out_hidden = pointwise(groups(2 * h, colours), groups(config.out_hidden_fmaps, colours))
+        self.out = pointwise(groups(config.out_hidden_fmaps, colours), groups(colours * config.color_levels, colours))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, labels)
+        labels = None if labels is None else labels.long()
+        stream = self.causal(self.inputs(self.levels(x), self.out.weight.dtype))
+        for block in self.blocks:
+            stream = block(stream, labels)
+        logits = self.out(F.relu(self.out_hidden(F.relu(stream))))
+        batch, _, height, width = logits.shape
+        return logits.view(batch, self.config.channels, self.config.color_levels, height, width)
+
+    def cached_sampler(self, batch: int, labels: torch.Tensor | None) -> "CachedPixelCNN":
+        return CachedPixelCNN(self, batch, labels)
+
+
+class CachedPixelCNN(CachedSampler):
+    """A PixelCNN unrolled for sampling: per pixel and colour group c, group c of every layer."""
+
+    def __init__(self, model: PixelCNN, batch: int, labels: torch.Tensor | None):
+        super().__init__(model)
+        config = model.config
+        h, colours, width = config.hidden_fmaps, config.channels, config.shape[1]
+        stream, inner = groups(2 * h, colours), groups(h, colours)
+        self.inputs = RowState(model.causal, stream, colours, batch, width)
+        self.convs = [RowState(b.conv, inner, colours, batch, width) for b in model.blocks]
+        self.reduce = [Pointwise(b.reduce, inner, stream, colours) for b in model.blocks]
+        self.expand = [Pointwise(b.expand, stream, inner, colours) for b in model.blocks]
+        out_hidden = groups(config.out_hidden_fmaps, colours)
+        self.out_hidden = Pointwise(model.out_hidden, out_hidden, stream, colours)
+        self.out = Pointwise(model.out, groups(colours * config.color_levels, colours), out_hidden, colours)
+        with torch.no_grad():
+            self.label_bias = [b.bias(labels) for b in model.blocks]
+        like = model.out.weight.detach()
+        self.stream = like.new_zeros(len(model.blocks) + 1, batch, 2 * h)  # this pixel's stream, per block
+        self.inner = like.new_zeros(len(model.blocks), batch, h)            # this pixel's k x k outputs
+        self.hidden = like.new_zeros(batch, config.out_hidden_fmaps)
+        self.h, self.colours = h, colours
+
+    @torch.no_grad()
+    def start_row(self) -> None:
+        self.inputs.start_row()
+        for conv, bias in zip(self.convs, self.label_bias):
+            conv.start_row(None if isinstance(bias, float) else bias[:, :, None])
+
+    @torch.no_grad()
+    def step(self, j: int, c: int) -> torch.Tensor:
+        outer, inner = group_slice(2 * self.h, self.colours, c), group_slice(self.h, self.colours, c)
+        self.stream[0, :, outer] = self.inputs.at(j, c)
+        for n, conv in enumerate(self.convs):
+            conv.write(j, inner, F.relu(self.reduce[n].at(F.relu(self.stream[n]), c)))
+            self.inner[n, :, inner] = F.relu(conv.at(j, c))
+            self.stream[n + 1, :, outer] = self.stream[n, :, outer] + self.expand[n].at(self.inner[n], c)
+        hidden = group_slice(self.hidden.shape[1], self.colours, c)
+        self.hidden[:, hidden] = F.relu(self.out_hidden.at(F.relu(self.stream[-1]), c))
+        return self.out.at(self.hidden, c)
+
+    def end_row(self) -> None:
+        self.inputs.end_row()
+        for conv in self.convs:
+            conv.end_row()
