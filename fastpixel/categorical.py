@@ -43,7 +43,8 @@ def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 5 or target.shape != (logits.shape[0], logits.shape[1], *logits.shape[3:]):
         raise ValueError(f"logits (B, C, N, H, W) and levels (B, C, H, W) do not fit: "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    per_subpixel = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are scored in float32
+    per_subpixel = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     return per_subpixel.flatten(1).sum(1)
 
 
