@@ -131,7 +131,11 @@ class _Vertical:
 class CachedGated(CachedSampler):
     """A GatedPixelCNN unrolled for sampling: per row, every block's vertical stack and the
     terms the horizontal stack adds from it (link, biases); per pixel and colour group c,
-    group c of every block's horizontal stack, skip and output layers."""
+    group c of every block's horizontal stack, then of the skips and output layers.
+
+    A step is a few PyTorch operations per block, each writing where the next one reads:
+    the gate writes into `gated` (whose column 0 holds ones, so that the residual's and the
+    skips' biases ride in their products) and the residual into the next block's row."""
 
     def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None):
         super().__init__(model)
@@ -144,14 +148,18 @@ class CachedGated(CachedSampler):
         self.horizontal = [RowState(b.horizontal, gate_groups(p, colours), colours, batch, width) for b in self.blocks]
         self.inputs = self.horizontal[0]
         hidden = groups(p, colours)
-        self.skip = [Pointwise(b.skip, hidden, hidden, colours) for b in model.blocks]
-        self.residual = [Pointwise(b.residual, hidden, hidden, colours) for b in model.blocks]
+        reads = [int((hidden <= c).sum()) for c in range(colours)]
+        # Weights over [1, gate outputs of groups <= c]: the bias, then the masked 1x1 weights.
+        self.residual = [[_with_bias(b.residual, hidden, c, n) for c, n in enumerate(reads)] for b in model.blocks]
+        self.skip = [torch.stack([_with_bias(b.skip, hidden, c, n) for b in model.blocks]) for c, n in enumerate(reads)]
+        self.reads = [n + 1 for n in reads]
         self.out_hidden = Pointwise(model.out_hidden, groups(config.out_hidden_fmaps, colours), hidden, colours)
         self.out = Pointwise(model.out, groups(colours * config.color_levels, colours),
                              groups(config.out_hidden_fmaps, colours), colours)
         with torch.no_grad():
             self.label_bias = [b.bias(labels) for b in model.blocks]
-        self.gated = like.new_zeros(len(model.blocks), batch, p)  # this pixel's gate outputs, per block
+        self.gated = like.new_zeros(len(model.blocks), batch, 1 + p)  # this pixel's gate outputs, per block
+        self.gated[:, :, 0] = 1
         self.skips = like.new_zeros(batch, p)
         self.hidden = like.new_zeros(batch, config.out_hidden_fmaps)
         self.p, self.colours = p, colours
@@ -177,16 +185,34 @@ class CachedGated(CachedSampler):
     @torch.no_grad()
     def step(self, j: int, c: int) -> torch.Tensor:
         group = group_slice(self.p, self.colours, c)
-        h = gate(self.horizontal[0].at(j, c))  # the causal block's output: no residual
-        for n in range(len(self.skip)):
-            self.horizontal[n + 1].write(j, group, h)
-            self.gated[n, :, group] = gate(self.horizontal[n + 1].at(j, c))
-            skip = self.skip[n].at(self.gated[n], c)
-            self.skips[:, group] = skip if n == 0 else self.skips[:, group] + skip
-            h = h + self.residual[n].at(self.gated[n], c)
+        gated_group = slice(1 + group.start, 1 + group.stop)
+        reads = self.reads[c]
+        rows = self.horizontal
+        _gate_into(rows[0].at(j, c), rows[1].row[:, j + rows[1].left, group])  # the causal block: no residual
+        last = len(rows) - 2
+        for n in range(last + 1):
+            _gate_into(rows[n + 1].at(j, c), self.gated[n, :, gated_group])
+            if n < last:  # the last block's horizontal output feeds nothing but its skip
+                here = rows[n + 1].row[:, j + rows[n + 1].left, group]
+                torch.addmm(here, self.gated[n, :, :reads], self.residual[n][c],
+                            out=rows[n + 2].row[:, j + rows[n + 2].left, group])
+        torch.sum(torch.bmm(self.gated[:, :, :reads], self.skip[c]), dim=0, out=self.skips[:, group])
         out_group = group_slice(self.hidden.shape[1], self.colours, c)
-        self.hidden[:, out_group] = F.relu(self.out_hidden.at(F.relu(self.skips), c))
+        torch.clamp(self.out_hidden.at(torch.relu(self.skips), c), min=0, out=self.hidden[:, out_group])
         return self.out.at(self.hidden, c)
 
     def end_row(self) -> None:
         self.vertical[0].push(self.inputs.row[:, self.inputs.left:].transpose(1, 2))
+
+
+def _gate_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """tanh(a) * sigmoid(b) of x's halves, written into `out`."""
+    a, b = x.chunk(2, dim=1)
+    torch.mul(torch.tanh(a), torch.sigmoid(b), out=out)
+
+
+def _with_bias(conv, in_groups: torch.Tensor, c: int, reads: int) -> torch.Tensor:
+    """A mask-B 1x1 layer's group-c outputs as one matrix over [1, inputs of groups <= c]."""
+    weight = conv.masked_weight().detach()[:, :, 0, 0]
+    rows = torch.nonzero(in_groups == c).flatten()  # input and output groups are alike here
+    return torch.cat([conv.bias.detach()[rows, None], weight[rows, :reads]], dim=1).t().contiguous()
