@@ -1,5 +1,6 @@
 """Image data sets in their standard formats: MNIST and Fashion-MNIST (IDX files), CIFAR-10 (the
-python batches) and downsampled ImageNet (npz), read from a data directory. Files that can be had
+python batches) and downsampled ImageNet (npz), read from a data directory; and maps of discrete
+codes (e.g. a VQ-VAE's), for the masked families' categorical inputs. Files that can be had
 without a login are downloaded there when missing, and kept only once their md5 matches.
 
 Every reader checks what it reads, so a truncated or foreign file fails here, with its name,
@@ -34,14 +35,15 @@ try:
 except ImportError:
     from numpy.core.multiarray import _reconstruct
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenet32", "imagenet64")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenet32", "imagenet64", "codes")
 SPLITS = ("train", "test")
 _TIMEOUT = 30  # seconds a download may stall before it counts as failed
 
 
 @dataclass
 class ImageSet:
-    """A split of a data set: uint8 images (N, C, H, W) and int64 labels (N,) in 0 .. num_classes - 1."""
+    """A split of a data set: uint8 images (N, C, H, W), or int64 codes (N, 1, H, W), and int64
+    labels (N,) in 0 .. num_classes - 1."""
     images: torch.Tensor
     labels: torch.Tensor | None
     num_classes: int | None
@@ -59,6 +61,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str = "train", d
         raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if name == "codes":
+        return _read_codes(Path(data_dir), split)
     spec = _SPECS[name]
     images, labels = spec.read(spec, Path(data_dir), split, download)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), spec.num_classes)
@@ -330,6 +334,32 @@ def _imagenet_folders(size: int) -> tuple[str, ...]:
     # imagenet<size>/ first, then the folders the official zips unpack to, at the top or inside it.
     official = [f"Imagenet{size}_{part}_npz" for part in ("train", "train_part1", "train_part2", "val")]
     return (f"imagenet{size}", *official, *(f"imagenet{size}/{folder}" for folder in official))
+
+
+# Maps of discrete codes: data_dir/train.npz and data_dir/test.npz, each holding "codes", integers
+# (N, H, W) >= 0, and optionally "labels" (N,) with "num_classes".
+
+def _read_codes(data_dir: Path, split: str) -> ImageSet:
+    path = data_dir / f"{split}.npz"
+    if not path.is_file():
+        raise DataError(f"no {path}: the codes data set reads {data_dir}/train.npz and {data_dir}/test.npz, each "
+                        "with 'codes' (N, H, W) integers and optionally 'labels' (N,) and 'num_classes'")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            codes = npz["codes"]
+            labels = npz["labels"] if "labels" in npz else None
+            num_classes = int(npz["num_classes"]) if "num_classes" in npz else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path} is not a readable npz of codes with a 'codes' array ({type(err).__name__}: {err})") from None
+    if codes.dtype.kind not in "iu" or codes.ndim != 3 or len(codes) == 0 or codes.min() < 0:
+        raise DataError(f"{path}: 'codes' is {codes.dtype} {codes.shape}, expected non-negative integers (N, H, W)")
+    if labels is not None:
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: 'labels' are {labels.dtype}, expected integers")
+        num_classes = num_classes or int(labels.max()) + 1
+        _check_labels(path, labels.astype(np.int64), len(codes), 0, num_classes)
+    return ImageSet(torch.from_numpy(codes.astype(np.int64)[:, None]),
+                    None if labels is None else torch.from_numpy(labels.astype(np.int64)), num_classes)
 
 
 _MNIST_URL = "http://yann.lecun.com/exdb/mnist/"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load, write_atomically
+from .families import family_of
 from .data import DATASETS, DataError, load_dataset
 from .sampling import bits_per_dim
 from .usage import UsageError, check_writable, interrupts_raise, report
@@ -50,11 +51,14 @@ def run(args: argparse.Namespace) -> dict:
     else:
         labels = labels[:args.max_images]
     expected = (model.config.channels, *model.config.shape)
+    if (images.dtype == torch.int64) != bool(getattr(model.config, "categorical_inputs", False)):
+        raise ValueError(f"the model takes {'maps of codes' if images.dtype != torch.int64 else 'images'}, "
+                         f"{args.data_set} holds {'maps of codes' if images.dtype == torch.int64 else 'images'}")
     if tuple(images.shape[1:]) != expected:
         raise ValueError(f"the model takes images of shape {expected}, {args.data_set} has {tuple(images.shape[1:])}")
     start = time.perf_counter()
     bpd = bits_per_dim(model, images, labels, batch_size=args.batch_size, progress=True)
-    return {"checkpoint": str(args.checkpoint), "data_set": args.data_set, "split": args.split, "images": len(images),
+    return {"checkpoint": str(args.checkpoint), "family": family_of(model).name, "data_set": args.data_set, "split": args.split, "images": len(images),
             "bits_per_dim": bpd, "seconds": round(time.perf_counter() - start, 2), "device": str(device)}
 
 

@@ -1,4 +1,4 @@
-"""`python -m fastpixel.sample`: draw images from a saved model into a PNG grid.
+"""`python -m fastpixel.sample`: draw images from a saved model (any family) into a PNG grid.
 
     python -m fastpixel.sample --fast --checkpoint run/model.safetensors -n 16 --seed 0
     torchrun --standalone --nproc_per_node 4 -m fastpixel.sample --fast -n 1024 --npy grid.npy
@@ -27,8 +27,8 @@ import torch.distributed as dist
 from . import sampling
 from .backend import NAMES
 from .checkpoint import load, write_atomically
+from .families import family_of
 from .grid import save_grid
-from .model import PixelCNNpp
 from .usage import UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.sample"
@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--label", type=int, default=None,
                         help="class of every image, for class-conditional models (default: cycle through the classes)")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
-    parser.add_argument("--npy", default=None, help="also save the raw uint8 array (N, C, H, W) here")
+    parser.add_argument("--npy", default=None,
+                        help="also save the raw uint8 array (N, C, H, W) here (code maps: int64 (N, H, W), only here)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--backend", choices=["auto", *NAMES], default="auto",
                         help="who runs the cached sampler's steps (default auto: $FASTPIXEL_BACKEND, else the fastest here)")
@@ -62,7 +63,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch: int) -> tuple[PixelCNNpp, str]:
+def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch: int) -> tuple[torch.nn.Module, str]:
     """Check everything a draw in batches of (at most) `batch` images needs and load the
     model; return it and the backend that will run."""
     if args.num_samples <= 0:
@@ -79,6 +80,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         model = load(args.checkpoint, device=device)
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if _codes(model) and args.npy is None:
+        raise UsageError("this model draws maps of discrete codes, not images: pass --npy FILE to save them")
     num_classes = model.config.num_classes
     if args.label is not None and num_classes is None:
         raise UsageError("--label was given, but this model is not class-conditional")
@@ -86,7 +89,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
     try:  # the images, their gathered copy under torchrun and the grid
         sampling.check_fits(model.config, args.num_samples, batch, copies=3)
-        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype)
+        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype,
+                                           family_of(model).name)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
     return model, backend
@@ -110,12 +114,18 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
             return None
         images = torch.cat(shares)
     seconds = time.perf_counter() - start
-    save_grid(images, args.out)
+    written = args.npy if _codes(model) else args.out
+    if not _codes(model):
+        save_grid(images, args.out)
     if args.npy is not None:
         write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
     processes = f", {world} processes" if world > 1 else ""
-    return (f"wrote {args.out}: {n} images in {seconds:.2f} s "
+    return (f"wrote {written}: {n} {'code maps' if _codes(model) else 'images'} in {seconds:.2f} s "
             f"({n / seconds:.2f} images/s; {sampling.describe(args.fast, backend, device)}{processes})")
+
+
+def _codes(model) -> bool:
+    return getattr(model.config, "categorical_inputs", False)
 
 
 def _requested_backend(args: argparse.Namespace) -> str | None:

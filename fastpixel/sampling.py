@@ -225,6 +225,8 @@ def nll_sum(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
     config = model.config
     codes = getattr(config, "categorical_inputs", False)
     if codes:
+        if images.dim() == 4 and images.shape[1] == 1:  # (N, 1, H, W), as the codes data set holds them
+            images = images[:, 0]
         if images.is_floating_point() or images.dtype == torch.bool or images.dim() != 3 or tuple(images.shape[1:]) != config.shape:
             raise ValueError(f"codes must be integers of shape (N, {config.shape[0]}, {config.shape[1]}), "
                              f"got {images.dtype} {tuple(images.shape)}")

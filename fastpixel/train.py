@@ -282,8 +282,14 @@ def config_from(args: argparse.Namespace, dataset):
     try:
         if args.model != "pixelcnnpp":
             sizes = {name: getattr(args, name) for name in MASKED_FLAGS if getattr(args, name) is not None}
+            codes = dataset.images.dtype == torch.int64
+            if codes and args.color_levels is None:
+                raise UsageError(f"--data_set codes needs --color_levels K, the number of codes (the training "
+                                 f"codes reach {int(dataset.images.max())})")
             return family_named(args.model).config(image_size=(height, width), channels=channels,
-                                                   num_classes=num_classes, **sizes)
+                                                   num_classes=num_classes, categorical_inputs=codes, **sizes)
+        if dataset.images.dtype == torch.int64:
+            raise UsageError("maps of codes need a masked family: pass --model gated or --model pixelcnn")
         return ModelConfig(image_size=(height, width), channels=channels, nr_resnet=args.nr_resnet,
                            nr_filters=args.nr_filters, nr_logistic_mix=args.nr_logistic_mix,
                            num_classes=dataset.num_classes if args.class_conditional else None,
@@ -357,6 +363,11 @@ class Stop(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """A batch as models take it: codes (N, 1, H, W) as (N, H, W), images on the [-1, 1] grid."""
+    return images[:, 0] if images.dtype == torch.int64 else to_model_input(images)
 
 
 def bits_per_dim_of(nats: torch.Tensor, config) -> torch.Tensor:
@@ -543,7 +554,7 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
         if reached_max_steps(trainer, args):
             break
         seed_step(args.seed, procs.rank, trainer.epoch, trainer.batch_in_epoch)
-        x = to_model_input(images.to(device, non_blocking=True))
+        x = model_input(images.to(device, non_blocking=True))
         labels = labels.to(device) if config.num_classes is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             params = net(x, labels)

@@ -324,7 +324,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="class-conditional"):
         model(torch.zeros(1, 5, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="serves PixelCNN\\+\\+ models only"):
-        fastpixel.sample(model, 1, fast=True, backend="cext")
+        fastpixel.sample(model, 1, fast=True, backend="triton")
     rgb = tiny("pixelcnn", **OPTIONS["rgb-2"])
     with pytest.raises(ValueError, match="floating-point"):
         rgb(torch.zeros(1, 1, 5, 6))
