@@ -68,7 +68,8 @@ def markdown(rows: list[dict], data: dict) -> str:
                      f"{row['batch'] / fastest:.2f} |")
     measured = [r for r in rows if r["naive_kind"] == "measured" and r["estimated"]]
     lines.append("")
-    lines.append("Naive sampling is estimated as one forward pass x H*W (est.) except where measured in full.")
+    lines.append("Naive sampling is estimated as one forward pass x H*W (x C for the masked families, a pass per "
+                 "sub-pixel) (est.) except where measured in full.")
     for r in measured:
         lines.append(f"Check of the estimate, {r['model']} batch {r['batch']}: measured {r['naive']:.1f} s, "
                      f"estimated {r['estimated']:.1f} s.")
