@@ -12,6 +12,7 @@ from PIL import Image
 import fastpixel
 from fastpixel.checkpoint import BUNDLED, bundled_models
 from fastpixel.data import load_dataset
+from fastpixel.families import FAMILIES
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CARD = (BUNDLED / "README.md").read_text() if (BUNDLED / "README.md").exists() else ""
@@ -30,8 +31,14 @@ def test_mnist_is_bundled():
 @pytest.mark.parametrize("name", bundled_models())
 def test_bundled_model_matches_its_card(name):
     section = card_section(name)
+    family = FAMILIES[re.search(r"family: `(\w+)`", section).group(1)]
     config = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
-    assert fastpixel.load(name).config == fastpixel.ModelConfig.from_dict(config)
+    model = fastpixel.load(name, family=family.name)
+    assert model.config == family.config.from_dict(config)
+    parameters = int(re.search(r"([0-9,]+) parameters", section).group(1).replace(",", ""))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    megabytes = float(re.search(r"float32,\s+([0-9.]+) MB", section).group(1))
+    assert (BUNDLED / f"{name}.safetensors").stat().st_size / 1e6 == pytest.approx(megabytes, abs=0.05)
 
 
 @pytest.mark.parametrize("name", bundled_models())
