@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import (CachedSampler, InputFeatures, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
+from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
                      gate, gate_groups, group_slice, groups, pointwise)
 
 
@@ -76,22 +76,16 @@ class GatedPixelCNN(MaskedFamily):
     `categorical_inputs`; the logits of sub-pixel (p, c) depend only on the sub-pixels
     before it in raster order, colours in order within a pixel."""
 
+    config_class = GatedConfig
+    top_features = staticmethod(lambda config: config.hidden_fmaps)
+
     def __init__(self, config: GatedConfig):
-        super().__init__()
-        if not isinstance(config, GatedConfig):
-            raise TypeError(f"GatedPixelCNN needs a fastpixel.GatedConfig, got {type(config).__name__}")
-        self.config = config
-        p, colours = config.hidden_fmaps, config.channels
-        self.inputs = InputFeatures(config)
+        super().__init__(config)
         self.causal = GatedBlock(config, causal=True)
         self.blocks = nn.ModuleList(GatedBlock(config, causal=False) for _ in range(config.hidden_layers))
-        self.out_hidden = pointwise(groups(p, colours), groups(config.out_hidden_fmaps, colours))
-        self.out = pointwise(groups(config.out_hidden_fmaps, colours), groups(colours * config.color_levels, colours))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x, labels)
-        labels = None if labels is None else labels.long()
-        features = self.inputs(self.levels(x), self.out.weight.dtype)
+        features, labels = self.features(x, labels)
         vertical = self.causal.vertical(features)
         h = gate(self.causal.horizontal(features) + self.causal.link(vertical))
         v = gate(vertical)
@@ -105,9 +99,7 @@ class GatedPixelCNN(MaskedFamily):
             v = gate(vertical + bias)
             skips = skips + block.skip(gated)
             h = h + block.residual(gated)
-        logits = self.out(F.relu(self.out_hidden(F.relu(skips))))
-        batch, _, height, width = logits.shape
-        return logits.view(batch, self.config.channels, self.config.color_levels, height, width)
+        return self.logits(skips)
 
     def cached_sampler(self, batch: int, labels: torch.Tensor | None) -> "CachedGated":
         return CachedGated(self, batch, labels)

@@ -147,10 +147,34 @@ class InputFeatures(nn.Module):
 
 
 class MaskedFamily(nn.Module):
-    """The interface both masked families give fastpixel's samplers, trainer and tools:
-    forward(x, labels) -> logits (B, C, N, H, W), `levels`, `nll` and `draw`."""
+    """What both masked families share: the input features, the output layers (ReLU - 1x1 -
+    ReLU - 1x1 to N logits per sub-pixel), and the interface fastpixel's samplers, trainer and
+    tools use: forward(x, labels) -> logits (B, C, N, H, W), `levels`, `nll` and `draw`."""
 
-    config: MaskedConfig
+    config_class: type  # the family's config
+    top_features: staticmethod  # config -> features the output layers read
+
+    def __init__(self, config: MaskedConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a fastpixel.{self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+        colours = config.channels
+        self.inputs = InputFeatures(config)
+        self.out_hidden = pointwise(groups(self.top_features(config), colours), groups(config.out_hidden_fmaps, colours))
+        self.out = pointwise(groups(config.out_hidden_fmaps, colours), groups(colours * config.color_levels, colours))
+
+    def features(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first layer's input and the labels as int64, once x and labels are checked."""
+        self.check_input(x, labels)
+        return self.inputs(self.levels(x), self.out.weight.dtype), None if labels is None else labels.long()
+
+    def logits(self, top: torch.Tensor) -> torch.Tensor:
+        """The output layers on the top features (B, F, H, W) -> logits (B, C, N, H, W)."""
+        logits = self.out(F.relu(self.out_hidden(F.relu(top))))
+        batch, _, height, width = logits.shape
+        return logits.view(batch, self.config.channels, self.config.color_levels, height, width)
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         """The integer levels (B, C, H, W) the model is asked to predict for input x."""

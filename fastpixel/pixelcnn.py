@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import (CachedSampler, InputFeatures, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
+from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
                      group_slice, groups, pointwise)
 
 
@@ -42,6 +42,9 @@ def _masked(config: PixelCNNConfig, in_channels: int, out_channels: int, ksize: 
 
 
 class ResidualBlock(nn.Module):
+    config_class = PixelCNNConfig
+    top_features = staticmethod(lambda config: 2 * config.hidden_fmaps)
+
     def __init__(self, config: PixelCNNConfig):
         super().__init__()
         h, colours = config.hidden_fmaps, config.channels
@@ -72,27 +75,20 @@ class PixelCNN(MaskedFamily):
     `categorical_inputs`; the logits of sub-pixel (p, c) depend only on the sub-pixels
     before it in raster order, colours in order within a pixel."""
 
+    config_class = PixelCNNConfig
+    top_features = staticmethod(lambda config: 2 * config.hidden_fmaps)
+
     def __init__(self, config: PixelCNNConfig):
-        super().__init__()
-        if not isinstance(config, PixelCNNConfig):
-            raise TypeError(f"PixelCNN needs a fastpixel.PixelCNNConfig, got {type(config).__name__}")
-        self.config = config
-        h, colours = config.hidden_fmaps, config.channels
-        self.inputs = InputFeatures(config)
-        self.causal = _masked(config, config.input_channels, 2 * h, config.causal_ksize, "A")
+        super().__init__(config)
+        self.causal = _masked(config, config.input_channels, 2 * config.hidden_fmaps, config.causal_ksize, "A")
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.hidden_layers))
-        self.out_hidden = pointwise(groups(2 * h, colours), groups(config.out_hidden_fmaps, colours))
-        self.out = pointwise(groups(config.out_hidden_fmaps, colours), groups(colours * config.color_levels, colours))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x, labels)
-        labels = None if labels is None else labels.long()
-        stream = self.causal(self.inputs(self.levels(x), self.out.weight.dtype))
+        features, labels = self.features(x, labels)
+        stream = self.causal(features)
         for block in self.blocks:
             stream = block(stream, labels)
-        logits = self.out(F.relu(self.out_hidden(F.relu(stream))))
-        batch, _, height, width = logits.shape
-        return logits.view(batch, self.config.channels, self.config.color_levels, height, width)
+        return self.logits(stream)
 
     def cached_sampler(self, batch: int, labels: torch.Tensor | None) -> "CachedPixelCNN":
         return CachedPixelCNN(self, batch, labels)
