@@ -324,10 +324,24 @@ def test_cifar_offline_error_names_the_tarball_and_folder(tmp_path, monkeypatch)
         load_dataset("cifar10", tmp_path, "train")
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", [name for name in DATASETS if name != "codes"])
 def test_download_false_never_fetches_and_says_what_is_missing(tmp_path, name):
     with pytest.raises(DataError, match=f"Put these files in {re.escape(str(tmp_path))}"):
         load_dataset(name, tmp_path, "test", download=False)  # the autouse fixture fails any fetch
+
+
+def test_codes_are_read_from_npz_and_checked(tmp_path):
+    with pytest.raises(DataError, match="train.npz and .*test.npz"):
+        load_dataset("codes", tmp_path, "train")
+    np.savez(tmp_path / "train.npz", codes=np.array([[[0, 3], [2, 1]]] * 2), labels=np.array([0, 2]), num_classes=4)
+    codes = load_dataset("codes", tmp_path, "train")
+    assert codes.images.shape == (2, 1, 2, 2) and codes.images.dtype == torch.int64 and codes.num_classes == 4
+    np.savez(tmp_path / "test.npz", codes=np.zeros((2, 2, 2)))
+    with pytest.raises(DataError, match="non-negative integers"):
+        load_dataset("codes", tmp_path, "test")
+    np.savez(tmp_path / "test.npz", codes=np.zeros((2, 2, 2), dtype=int), labels=np.array([0, 5]), num_classes=3)
+    with pytest.raises(DataError, match="labels from 0 to 5"):
+        load_dataset("codes", tmp_path, "test")
 
 
 def test_download_with_wrong_checksum_is_refused_and_not_kept(tmp_path, monkeypatch):
