@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import sampling
 from .backend import NAMES
 from .checkpoint import load, write_atomically
+from .families import family_of
 from .grid import save_grid
 from .model import PixelCNNpp
 from .usage import UsageError, check_writable, interrupts_raise, report
@@ -86,7 +87,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
     try:  # the images, their gathered copy under torchrun and the grid
         sampling.check_fits(model.config, args.num_samples, batch, copies=3)
-        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype)
+        backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype,
+                                           family_of(model).name)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
     return model, backend
