@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masked import (CachedSampler, InputFeatures, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, Product,
-                     RowState, Runs, gate, gate_groups, group_slice, groups, pointwise, window_matrix, row_windows)
+                     RowState, Runs, gate, gate_groups, group_slice, groups, pointwise, row_windows, shift_up,
+                     window_matrix)
 
 
 @dataclass
@@ -125,8 +126,7 @@ class _Vertical:
 
     def newest(self) -> torch.Tensor:
         """Every row moves up one; returns the newest (B, W, Cin), to be written."""
-        if self.rows.shape[1] > 1:
-            self.rows[:, :-1] = self.rows[:, 1:].clone()
+        shift_up(self.rows)
         return self.rows[:, -1, self.pad:self.rows.shape[2] - self.pad]
 
     def output(self) -> torch.Tensor:
@@ -144,14 +144,14 @@ class CachedGated(CachedSampler):
         config = model.config
         p, colours, width = config.hidden_fmaps, config.channels, config.shape[1]
         like = model.out.weight.detach()
-        self.blocks = [model.causal, *model.blocks]
+        blocks = [model.causal, *model.blocks]
         with torch.no_grad():
             self.label_bias = [0.0] + [b.bias(labels) for b in model.blocks]
         self.vertical = [_Vertical(b.vertical, batch, config.input_channels if n == 0 else p, width, like)
-                         for n, b in enumerate(self.blocks)]
-        self.link = [b.link.weight.detach()[:, :, 0, 0].t().contiguous() for b in self.blocks]
+                         for n, b in enumerate(blocks)]
+        self.link = [b.link.weight.detach()[:, :, 0, 0].t().contiguous() for b in blocks]
         self.horizontal = [RowState(b.horizontal, gate_groups(p, colours), colours, batch, width,
-                                    bias=b.link.bias.detach() + bias) for b, bias in zip(self.blocks, self.label_bias)]
+                                    bias=b.link.bias.detach() + bias) for b, bias in zip(blocks, self.label_bias)]
         hidden = groups(p, colours)
         self.residual = [Pointwise(b.residual, hidden, hidden, colours) for b in model.blocks]
         self.skip = [Pointwise(b.skip, hidden, hidden, colours) for b in model.blocks]

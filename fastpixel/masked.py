@@ -276,6 +276,12 @@ def row_windows(rows: torch.Tensor, kw: int) -> torch.Tensor:
     return windows.flatten(2).flatten(0, 1)
 
 
+def shift_up(rows: torch.Tensor) -> None:
+    """rows (B, R, ...): every row moves up one, in place (the newest keeps its values)."""
+    if rows.shape[1] > 1:
+        rows[:, :-1] = rows[:, 1:].clone()
+
+
 def window_matrix(weight: torch.Tensor) -> torch.Tensor:
     """A convolution's weight (out, C, R, kw) as the matrix (R * kw * C, out) of row_windows."""
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
@@ -304,7 +310,7 @@ class RowState:
         self.step_weight = [current[r].t().contiguous() for r in rows]
         self.group_runs = [_runs(r) for r in rows]
         self.above_weight = window_matrix(weight[:, :, :self.kh - 1])
-        # the bias and a per-image `bias` (B, out), every column: (B * W, out), or (out,) broadcast
+        # the layer's bias plus `bias` ((out,), or per image (B, out)) at every column: (out,) or (B * W, out)
         constant = conv.bias.detach() + bias
         self.constant = constant if constant.dim() == 1 else constant[:, None].expand(-1, width, -1).reshape(-1, out)
         self.rows = weight.new_zeros(batch, self.kh, width + self.kw - 1, channels)
@@ -340,8 +346,7 @@ class RowState:
 
     def end_row(self) -> None:
         """The current row becomes the newest row above; the new current row is zeros."""
-        if self.kh > 1:
-            self.rows[:, :-1] = self.rows[:, 1:].clone()
+        shift_up(self.rows)
         self.row.zero_()
 
 
