@@ -1,5 +1,7 @@
 // The cached sampler's pixel step on the CPU: the ops of fastpixel/fused_step.py's step
-// plan (the Triton kernels in kernels/), run in order over the same buffers.
+// plan (the Triton kernels in kernels/), run in order over the same buffers; and, for the
+// masked families (PixelCNN, Gated PixelCNN), a pixel's sub-step plans (fastpixel/masked.py)
+// as products and categorical draws, packed by fastpixel/cext_masked.py.
 //
 // A step is a flat array of op descriptors, packed once by fastpixel/cext_step.py from the
 // plan's bound launches: each op holds exactly the arguments its Triton kernel gets, with
@@ -20,7 +22,7 @@ namespace {
 
 enum Kind : int64_t {
     COLUMN_CONV = 0, COLUMN_COPY = 1, SAMPLE_PIXEL = 2, ADVANCE = 3, ROW_SHIFT = 4, ROW_WRITE = 5, ROW_CONV = 6,
-    NONLOCAL = 7
+    NONLOCAL = 7, PRODUCT = 8, CATEGORICAL_DRAW = 9
 };
 enum Nonlinearity : int64_t { IDENTITY = 0, ELU = 1, RELU = 2, CONCAT_ELU = 3 };
 constexpr int SLOTS = 40;  // int64 slots of one op descriptor (kept in step with cext_step.py)
@@ -108,6 +110,7 @@ __attribute__((noinline)) void tile(const T* v, int64_t ldv, int64_t k, const T*
     for (int64_t kk = 0; kk < k; ++kk) {
         const T* wr = w + kk * ldw + i0;
         for (int r = 0; r < ROWS; ++r)
+#pragma omp simd  // GCC leaves a fully unrolled row of 16 or fewer columns scalar, 50x slower
             for (int j = 0; j < COLS; ++j) c[r][j] = std::fma(vr[r * ldv + kk], wr[j], c[r][j]);
     }
     for (int r = 0; r < ROWS; ++r)
@@ -115,7 +118,7 @@ __attribute__((noinline)) void tile(const T* v, int64_t ldv, int64_t k, const T*
 }
 
 // Columns [i0, i0 + cols) of rows [m0, m0 + ROWS): four, two and one vector registers'
-// worth at a time, then single columns.
+// worth at a time, then halves, quarters and eighths of one, then single columns.
 template <class T, int ROWS>
 void tile_columns(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* acc, int64_t lda, int64_t m0,
                   int64_t i0, int64_t cols) {
@@ -124,6 +127,9 @@ void tile_columns(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T
     for (; i0 + 4 * VECTOR <= end; i0 += 4 * VECTOR) tile<T, ROWS, 4 * VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
     for (; i0 + 2 * VECTOR <= end; i0 += 2 * VECTOR) tile<T, ROWS, 2 * VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
     for (; i0 + VECTOR <= end; i0 += VECTOR) tile<T, ROWS, VECTOR>(v, ldv, k, w, ldw, acc, lda, m0, i0);
+    if (i0 + VECTOR / 2 <= end) tile<T, ROWS, VECTOR / 2>(v, ldv, k, w, ldw, acc, lda, m0, i0), i0 += VECTOR / 2;
+    if (i0 + VECTOR / 4 <= end) tile<T, ROWS, VECTOR / 4>(v, ldv, k, w, ldw, acc, lda, m0, i0), i0 += VECTOR / 4;
+    if (VECTOR >= 16 && i0 + VECTOR / 8 <= end) tile<T, ROWS, VECTOR / 8>(v, ldv, k, w, ldw, acc, lda, m0, i0), i0 += VECTOR / 8;
     for (; i0 < end; ++i0) tile<T, ROWS, 1>(v, ldv, k, w, ldw, acc, lda, m0, i0);
 }
 
@@ -151,10 +157,10 @@ void tile_rows(const T* v, int64_t ldv, int64_t k, const T* w, int64_t ldw, T* a
 constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 14;
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // a row's gathers and epilogue: copies, a few operations each
 
-// acc (m, lda)[:, :n] += v (m, k) @ w (k, ldw)[:, :n]. The threads share tasks of a block
-// of rows by a block of columns, at least 8 of them when the rows allow.
+// acc (m, lda)[:, :n] += v (m, ldv)[:, :k] @ w (k, ldw)[:, :n]. The threads share tasks of a
+// block of rows by a block of columns, at least 8 of them when the rows allow.
 template <class T>
-void gemm(const T* v, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
+void gemm(const T* v, int64_t m, int64_t k, int64_t ldv, const T* w, int64_t ldw, int64_t n, T* acc, int64_t lda) {
     constexpr int64_t VECTOR = 64 / sizeof(T);
     const int64_t column_block = (m <= ROWS ? 2 : 4) * VECTOR;  // a few rows: narrower tasks, more of them
     const int64_t column_blocks = (n + column_block - 1) / column_block;
@@ -166,7 +172,7 @@ void gemm(const T* v, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, 
         for (int64_t cb = 0; cb < column_blocks; ++cb) {
             const int64_t i0 = cb * column_block, m0 = rb * row_block;
             const int64_t cols = n - i0 < column_block ? n - i0 : column_block;
-            tile_rows(v, k, k, w, ldw, acc, lda, m0, m0 + row_block < m ? m0 + row_block : m, i0, cols);
+            tile_rows(v, ldv, k, w, ldw, acc, lda, m0, m0 + row_block < m ? m0 + row_block : m, i0, cols);
         }
     }
 }
@@ -229,11 +235,11 @@ template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vect
             }
         }
     }
-    gemm(columns, batch, window, weight, n_out, n_out, acc.data(), n_out);
+    gemm(columns, batch, window, window, weight, n_out, n_out, acc.data(), n_out);
 
     if (has_skip) {  // + nl(skip) @ skip_weight, a 1x1 layer on another input (never with the gate)
         for (int64_t b = 0; b < batch; ++b) fresh(skip + b * ssb, s_raw, skip_nl, columns + b * s_channels);
-        gemm(columns, batch, s_channels, skip_w, n, n, acc.data(), n_out);
+        gemm(columns, batch, s_channels, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
     for (int64_t b = 0; b < batch; ++b) epilogue(acc.data() + b * n_out, gate ? res + b * srb : nullptr, n, out + b * sob);
@@ -383,13 +389,13 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
                     std::memset(to, 0, cin * sizeof(T));
             }
     }
-    gemm(columns, m, k, weight, n_out, n_out, acc.data(), n_out);
+    gemm(columns, m, k, k, weight, n_out, n_out, acc.data(), n_out);
 
     if (skip_w) {
 #pragma omp parallel for schedule(static) if (parallel)
         for (int64_t at = 0; at < m; ++at)
             fresh(skip + (at / width) * skb + (at % width) * skj, s_raw, skip_nl, columns + at * s_channels);
-        gemm(columns, m, s_channels, skip_w, n, n, acc.data(), n_out);
+        gemm(columns, m, s_channels, s_channels, skip_w, n, n, acc.data(), n_out);
     }
 
 #pragma omp parallel for schedule(static) if (parallel)
@@ -448,8 +454,127 @@ template <class T> void nonlocal_block(const Op& op, std::vector<T>& scratch) {
     }
 }
 
+// ---------------------------------------------------------------- the masked families
+// fastpixel/masked.py's sub-step plan (PixelCNN, Gated PixelCNN; packed by
+// fastpixel/cext_masked.py): products of an image's values at the current column with a
+// weight matrix, and the categorical draw. The column is the pixel position's, mod width.
+
+// An image's values at column j: `count` runs of `length` contiguous elements, `gap` apart,
+// from ptr + b * batch_stride + j * column_stride (six slots: ptr, batch_stride,
+// column_stride, count, gap, length).
+template <class T> struct Runs {
+    T* ptr;
+    int64_t batch_stride, column_stride, count, gap, length;
+    Runs(const Op& op, int slot)
+        : ptr(op.ptr<T>(slot)), batch_stride(op.a[slot + 1]), column_stride(op.a[slot + 2]), count(op.a[slot + 3]),
+          gap(op.a[slot + 4]), length(op.a[slot + 5]) {}
+    T* at(int64_t b, int64_t j) const { return ptr + b * batch_stride + j * column_stride; }
+    bool contiguous() const { return count == 1 || gap == length; }
+    // The values of image b into dst (count * length of them), through ReLU when asked.
+    void gather(int64_t b, int64_t j, bool relu, T* dst) const {
+        for (int64_t r = 0; r < count; ++r) {
+            const T* src = at(b, j) + r * gap;
+            T* to = dst + r * length;
+            if (relu) {
+                for (int64_t i = 0; i < length; ++i) to[i] = src[i] > 0 ? src[i] : T(0);
+            } else {
+                std::memcpy(to, src, length * sizeof(T));
+            }
+        }
+    }
+    void scatter(int64_t b, int64_t j, const T* src) const {
+        for (int64_t r = 0; r < count; ++r) std::memcpy(at(b, j) + r * gap, src + r * length, length * sizeof(T));
+    }
+};
+
+enum Epilogue : int64_t { EPILOGUE_NONE = 0, EPILOGUE_RELU = 1, EPILOGUE_GATE = 2 };  // masked.EPILOGUES
+
+// out = epilogue(init + bias + a @ w) for every image, at the position's column: a (K
+// values, through ReLU with relu_a) and init (N values) are Runs, w (K, N) and bias (N)
+// plain; the gate's N values are halves (x, y) giving N / 2 outputs tanh(x) * sigmoid(y),
+// from fast_expm1 and fast_exp like the other gates.
+template <class T> void product(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+    const int64_t* a = op.a;
+    const int64_t width = a[1], batch = a[2];
+    const Runs<T> v(op, 3), init(op, 12);
+    const bool relu_a = a[9];
+    const T* w = op.ptr<const T>(10);
+    const int64_t n = a[11];
+    const T* bias = op.ptr<const T>(18);
+    const int64_t epilogue = a[19];
+    const Runs<T> out(op, 20);
+    const int64_t j = position(op, 0) % width, k = v.count * v.length;
+
+    acc.resize(batch * n);
+    for (int64_t b = 0; b < batch; ++b) {
+        T* row = acc.data() + b * n;
+        if (init.ptr != nullptr) init.gather(b, j, false, row);
+        else std::memset(row, 0, n * sizeof(T));
+        if (bias != nullptr)
+            for (int64_t i = 0; i < n; ++i) row[i] += bias[i];
+    }
+    if (v.contiguous() && !relu_a) {  // the images' values straight from their buffer
+        gemm(v.at(0, j), batch, k, v.batch_stride, w, n, n, acc.data(), n);
+    } else {
+        scratch.resize(batch * k);
+        for (int64_t b = 0; b < batch; ++b) v.gather(b, j, relu_a, scratch.data() + b * k);
+        gemm(scratch.data(), batch, k, k, w, n, n, acc.data(), n);
+    }
+    const int64_t half = n / 2;
+    for (int64_t b = 0; b < batch; ++b) {
+        T* row = acc.data() + b * n;
+        if (epilogue == EPILOGUE_RELU) {
+            for (int64_t i = 0; i < n; ++i) row[i] = row[i] > 0 ? row[i] : T(0);
+        } else if (epilogue == EPILOGUE_GATE) {  // tanh(x) = expm1(2x) / (expm1(2x) + 2): no cancellation near 0
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const T e = fast_expm1(2 * row[i]);
+                row[i] = e / ((e + T(2)) * (T(1) + fast_exp(-row[half + i])));  // one division
+            }
+        }
+        out.scatter(b, j, row);
+    }
+}
+
+// fastpixel.categorical.draw for every image: the softmax of the N logits in float64, its
+// cumulative sum, the number of entries below the image's uniform (the first at or above
+// it: the sum never decreases), clamped to N - 1; e^x from fast_exp, so the sums agree with
+// PyTorch's to rounding, as a cached sampler's logits do. Then the level (int64) and its row of
+// the input features table (N, F) go to their buffers at the position's column; the
+// uniform is at noise + b * noise_stride + position (one colour's plane of the image).
+template <class T> void categorical_draw(const Op& op, std::vector<double>& probabilities) {
+    const int64_t* a = op.a;
+    const int64_t p = position(op, 0), width = a[1], batch = a[2];
+    const T* logits = op.ptr<const T>(3);
+    const int64_t logits_stride = a[4], n = a[5];
+    const double* noise = op.ptr<const double>(6);
+    const int64_t noise_stride = a[7];
+    const T* table = op.ptr<const T>(8);
+    const Runs<T> features(op, 9);
+    int64_t* level = op.ptr<int64_t>(15);
+    const int64_t level_stride = a[16], level_column = a[17];
+    const int64_t j = p % width;
+    probabilities.resize(n);
+    double* e = probabilities.data();
+    for (int64_t b = 0; b < batch; ++b) {
+        const T* x = logits + b * logits_stride;
+        double largest = -INFINITY, total = 0;
+#pragma omp simd reduction(max : largest)
+        for (int64_t i = 0; i < n; ++i) largest = x[i] > largest ? x[i] : largest;
+#pragma omp simd reduction(+ : total)  // vectorised: e^x is most of a draw's time
+        for (int64_t i = 0; i < n; ++i) total += (e[i] = fast_exp(static_cast<double>(x[i]) - largest));
+        const double u = noise[b * noise_stride + p];
+        double cdf = 0;
+        int64_t drawn = 0;
+        while (drawn < n - 1 && (cdf += e[drawn] / total) < u) ++drawn;
+        level[b * level_stride + j * level_column] = drawn;
+        features.scatter(b, j, table + drawn * features.count * features.length);
+    }
+}
+
 template <class T> void run(const Op* ops, int64_t count) {
     thread_local std::vector<T> acc, scratch;  // grown once, reused by every later step
+    thread_local std::vector<double> probabilities;
     for (int64_t i = 0; i < count; ++i) {
         const Op& op = ops[i];
         switch (op.kind) {
@@ -461,6 +586,8 @@ template <class T> void run(const Op* ops, int64_t count) {
             case ROW_WRITE: row_write<T>(op); break;
             case ROW_CONV: row_conv<T>(op, acc, scratch); break;
             case NONLOCAL: nonlocal_block<T>(op, scratch); break;
+            case PRODUCT: product<T>(op, acc, scratch); break;
+            case CATEGORICAL_DRAW: categorical_draw<T>(op, probabilities); break;
         }
     }
 }

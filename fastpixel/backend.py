@@ -10,7 +10,9 @@
   as the Triton backend, and the per-row work, on CPU tensors, float32 or float64; compiled on first use
   (`fastpixel/extension.py`). The default on the CPU, where it measured faster than `torch`
   for every model and batch timed (benchmarks/results/cpu_cext.md). Where it cannot be
-  built, the automatic choice warns once and takes `torch`.
+  built, the automatic choice warns once and takes `torch`. It also runs the masked
+  families' pixels (`fastpixel/cext_masked.py`; benchmarks/results/masked_cpu.md), which
+  have no Triton kernels: `fastpixel.sampling.resolve_backend` refuses `triton` for them.
 
 The mixture loss (`mixture.nll`, `mixture.focal_nll`) has two of them, chosen by
 `choose_loss`: `triton` (kernels/mixture_nll.py) for CUDA tensors, `torch` elsewhere.

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
-                     gate, gate_groups, group_slice, groups, pointwise)
+from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, Product,
+                     RowState, Runs, gate, gate_groups, group_slice, groups, pointwise, row_windows, shift_up,
+                     window_matrix)
 
 
 @dataclass
@@ -106,105 +107,79 @@ class GatedPixelCNN(MaskedFamily):
 
 
 class _Vertical:
-    """A vertical convolution's input rows during cached sampling (a ring of its kernel height)."""
+    """A vertical convolution's input rows during cached sampling (B, rows, W + 2r, Cin), its
+    kernel height of them, channels last; `output()` is its output row as one product."""
 
     def __init__(self, conv: VerticalConv, batch: int, channels: int, width: int, like: torch.Tensor):
-        self.conv, self.pad = conv.conv, conv.pad[:2]
-        self.ring = like.new_zeros(batch, channels, conv.rows, width + conv.pad[0] + conv.pad[1])
+        self.kw, self.pad = conv.conv.kernel_size[1], conv.pad[0]
+        self.rows = like.new_zeros(batch, conv.rows, width + 2 * self.pad, channels)
+        self.weight, self.bias = window_matrix(conv.conv.weight.detach()), conv.conv.bias.detach()
+        self.out = like.new_empty(batch * width, self.weight.shape[1])
 
-    def push(self, row: torch.Tensor) -> None:
-        """row (B, Cin, W) becomes the newest input row."""
-        self.ring = torch.cat([self.ring[:, :, 1:], F.pad(row, self.pad)[:, :, None]], 2)
+    def newest(self) -> torch.Tensor:
+        """Every row moves up one; returns the newest (B, W, Cin), to be written."""
+        shift_up(self.rows)
+        return self.rows[:, -1, self.pad:self.rows.shape[2] - self.pad]
 
     def output(self) -> torch.Tensor:
-        return self.conv(self.ring)[:, :, 0]
+        """The output row, (B * W, Cout)."""
+        return torch.addmm(self.bias, row_windows(self.rows, self.kw), self.weight, out=self.out)
 
 
 class CachedGated(CachedSampler):
     """A GatedPixelCNN unrolled for sampling: per row, every block's vertical stack and the
     terms the horizontal stack adds from it (link, biases); per pixel and colour group c,
-    group c of every block's horizontal stack, then of the skips and output layers.
-
-    A step is a few PyTorch operations per block, each writing where the next one reads:
-    the gate writes into `gated` (whose column 0 holds ones, so that the residual's and the
-    skips' biases ride in their products) and the residual into the next block's row."""
+    group c of every block's horizontal stack (gate written into the next block's row, or
+    into `gated`, then the residual), all skips in one product, and the output layers."""
 
     def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None):
-        super().__init__(model)
         config = model.config
         p, colours, width = config.hidden_fmaps, config.channels, config.shape[1]
         like = model.out.weight.detach()
-        self.blocks = [model.causal, *model.blocks]
-        self.vertical = [_Vertical(model.causal.vertical, batch, config.input_channels, width, like)]
-        self.vertical += [_Vertical(b.vertical, batch, p, width, like) for b in model.blocks]
-        self.horizontal = [RowState(b.horizontal, gate_groups(p, colours), colours, batch, width) for b in self.blocks]
-        self.inputs = self.horizontal[0]
-        hidden = groups(p, colours)
-        reads = [int((hidden <= c).sum()) for c in range(colours)]
-        # Weights over [1, gate outputs of groups <= c]: the bias, then the masked 1x1 weights.
-        self.residual = [[_with_bias(b.residual, hidden, c, n) for c, n in enumerate(reads)] for b in model.blocks]
-        self.skip = [torch.stack([_with_bias(b.skip, hidden, c, n) for b in model.blocks]) for c, n in enumerate(reads)]
-        self.reads = [n + 1 for n in reads]
-        self.out_hidden = Pointwise(model.out_hidden, groups(config.out_hidden_fmaps, colours), hidden, colours)
-        self.out = Pointwise(model.out, groups(colours * config.color_levels, colours),
-                             groups(config.out_hidden_fmaps, colours), colours)
+        blocks = [model.causal, *model.blocks]
         with torch.no_grad():
-            self.label_bias = [b.bias(labels) for b in model.blocks]
-        self.gated = like.new_zeros(len(model.blocks), batch, 1 + p)  # this pixel's gate outputs, per block
-        self.gated[:, :, 0] = 1
+            self.label_bias = [0.0] + [b.bias(labels) for b in model.blocks]
+        self.vertical = [_Vertical(b.vertical, batch, config.input_channels if n == 0 else p, width, like)
+                         for n, b in enumerate(blocks)]
+        self.link = [b.link.weight.detach()[:, :, 0, 0].t().contiguous() for b in blocks]
+        self.horizontal = [RowState(b.horizontal, gate_groups(p, colours), colours, batch, width,
+                                    bias=b.link.bias.detach() + bias) for b, bias in zip(blocks, self.label_bias)]
+        hidden = groups(p, colours)
+        self.residual = [Pointwise(b.residual, hidden, hidden, colours) for b in model.blocks]
+        self.skip = [Pointwise(b.skip, hidden, hidden, colours) for b in model.blocks]
+        self.gated = like.new_zeros(batch, len(model.blocks), p)  # this pixel's gate outputs, per block
         self.skips = like.new_zeros(batch, p)
-        self.hidden = like.new_zeros(batch, config.out_hidden_fmaps)
         self.p, self.colours = p, colours
+        super().__init__(model, self.horizontal[0], self.skips)
+
+    def products(self, c: int) -> list[Product]:
+        group = group_slice(self.p, self.colours, c)
+        rows = self.horizontal
+        plan = [rows[0].product(c, rows[1].input(group), epilogue="gate")]  # the causal block: no residual
+        last = len(rows) - 2
+        for n in range(last + 1):
+            plan.append(rows[n + 1].product(c, Runs.of(self.gated[:, n, group]), epilogue="gate"))
+            if n < last:  # the last block's horizontal output feeds nothing but its skip
+                plan.append(self.residual[n].product(c, self.gated[:, n], rows[n + 2].input(group),
+                                                     init=rows[n + 1].input(group)))
+        reads = self.skip[0].reads[c]
+        plan.append(Product(Runs.of(self.gated[:, :, :reads]), torch.cat([s.weight[c] for s in self.skip]),
+                            Runs.of(self.skips[:, group]), bias=sum(s.bias[c] for s in self.skip)))
+        return plan
 
     @torch.no_grad()
     def start_row(self) -> None:
-        vertical = self.vertical[0].output()
-        v = gate(vertical)
-        self.horizontal[0].start_row(self._link(self.blocks[0], vertical))
-        for n, block in enumerate(self.blocks[1:]):
-            self.vertical[n + 1].push(v)
-            vertical = self.vertical[n + 1].output()
-            bias = self.label_bias[n]
-            if not isinstance(bias, float):
-                bias = bias[:, :, None]
-            self.horizontal[n + 1].start_row(self._link(block, vertical) + bias)
-            v = gate(vertical + bias)
-
-    @staticmethod
-    def _link(block: GatedBlock, vertical: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(vertical[:, :, None], block.link.weight, block.link.bias)[:, :, 0].detach()
-
-    @torch.no_grad()
-    def step(self, j: int, c: int) -> torch.Tensor:
-        group = group_slice(self.p, self.colours, c)
-        gated_group = slice(1 + group.start, 1 + group.stop)
-        reads = self.reads[c]
-        rows = self.horizontal
-        _gate_into(rows[0].at(j, c), rows[1].row[:, j + rows[1].left, group])  # the causal block: no residual
-        last = len(rows) - 2
-        for n in range(last + 1):
-            _gate_into(rows[n + 1].at(j, c), self.gated[n, :, gated_group])
-            if n < last:  # the last block's horizontal output feeds nothing but its skip
-                here = rows[n + 1].row[:, j + rows[n + 1].left, group]
-                torch.addmm(here, self.gated[n, :, :reads], self.residual[n][c],
-                            out=rows[n + 2].row[:, j + rows[n + 2].left, group])
-        torch.sum(torch.bmm(self.gated[:, :, :reads], self.skip[c]), dim=0, out=self.skips[:, group])
-        out_group = group_slice(self.hidden.shape[1], self.colours, c)
-        torch.clamp(self.out_hidden.at(torch.relu(self.skips), c), min=0, out=self.hidden[:, out_group])
-        return self.out.at(self.hidden, c)
+        batch, width = self.skips.shape[0], self.config.shape[1]
+        for n, (vertical, horizontal) in enumerate(zip(self.vertical, self.horizontal)):
+            out = vertical.output()
+            horizontal.start_row((out, self.link[n]))
+            if n + 1 < len(self.vertical):  # the next block's vertical input: this row's gate
+                x = out.view(batch, width, -1)
+                bias = self.label_bias[n]
+                gate(x if isinstance(bias, float) else x + bias[:, None], dim=2, out=self.vertical[n + 1].newest())
 
     def end_row(self) -> None:
-        self.vertical[0].push(self.inputs.row[:, self.inputs.left:].transpose(1, 2))
-
-
-def _gate_into(x: torch.Tensor, out: torch.Tensor) -> None:
-    """tanh(a) * sigmoid(b) of x's halves, written into `out`."""
-    a, b = x.chunk(2, dim=1)
-    torch.mul(torch.tanh(a), torch.sigmoid(b), out=out)
-
-
-def _with_bias(conv, in_groups: torch.Tensor, c: int, reads: int) -> torch.Tensor:
-    """A mask-B 1x1 layer's group-c outputs as one matrix over [1, inputs of groups <= c]."""
-    weight = conv.masked_weight().detach()[:, :, 0, 0]
-    rows = torch.nonzero(in_groups == c).flatten()  # input and output groups are alike here
-    return torch.cat([conv.bias.detach()[rows, None], weight[rows, :reads]], dim=1).t().contiguous()
+        left, width = self.inputs.left, self.config.shape[1]
+        self.vertical[0].newest().copy_(self.inputs.row[:, left:left + width])
+        for horizontal in self.horizontal:
+            horizontal.end_row()

@@ -1,6 +1,7 @@
 """What the masked-convolution families (PixelCNN, Gated PixelCNN) share: their config's
 fields and checks, colour-ordered masks, the masked convolution, the input features, and
-the per-row state their cached samplers keep for each masked convolution.
+their cached samplers' common parts: the per-row state of each masked convolution, the
+sub-step as a plan of products, and the sampling loop.
 
 Colour ordering (van den Oord et al. 2016a): for RGB every layer's features are split into
 three equal groups, one per colour; at the pixel being predicted, group c may read groups
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,10 +123,10 @@ def pointwise(in_groups: torch.Tensor, out_groups: torch.Tensor) -> MaskedConv2d
     return MaskedConv2d(in_groups, out_groups, (1, 1), 0, "B")
 
 
-def gate(x: torch.Tensor) -> torch.Tensor:
-    """tanh(a) * sigmoid(b) of the two halves of the channel axis (dim 1)."""
-    a, b = x.chunk(2, dim=1)
-    return torch.tanh(a) * torch.sigmoid(b)
+def gate(x: torch.Tensor, dim: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """tanh(a) * sigmoid(b) of the two halves of the channel axis (dim 1), into `out` if given."""
+    a, b = x.chunk(2, dim=dim)
+    return torch.mul(torch.tanh(a), torch.sigmoid(b), out=out)
 
 
 class InputFeatures(nn.Module):
@@ -229,62 +231,159 @@ def _describe(x) -> str:
 
 
 # --------------------------------------------------------------------------- cached sampling
+# A sub-step (one pixel, one colour group) is a plan: a list of `Product`s over buffers
+# allocated once, then the categorical draw. PyTorch runs the plan op by op (`TorchPixels`);
+# the C++ engine runs a whole pixel's plans, draws included, in one call
+# (fastpixel/cext_masked.py). Both run the same plan on the same buffers.
+
+@dataclass(frozen=True)
+class Runs:
+    """Each image's values at the current column j: `view` (B, count, length) holds them at
+    column 0 (`count` runs of `length` contiguous elements), and column j's lie `column * j`
+    elements further (column 0: the same values at every column)."""
+
+    view: torch.Tensor
+    column: int = 0
+
+    @staticmethod
+    def of(t: torch.Tensor, column: int = 0) -> "Runs":
+        """Runs of a (B, K) view (one run) or a (B, count, length) one."""
+        view = t if t.dim() == 3 else t[:, None]
+        if view.shape[2] > 1 and view.stride(2) != 1:
+            raise ValueError("a run's elements must be contiguous")
+        return Runs(view, column)
+
+    def at(self, j: int) -> torch.Tensor:
+        """The values at column j, (B, count * length): a view for one run."""
+        view = self.view
+        if self.column and j:
+            view = view.as_strided(view.shape, view.stride(), view.storage_offset() + j * self.column)
+        return view.flatten(1)
+
+
+EPILOGUES = ("none", "relu", "gate")
+
+
+@dataclass(frozen=True)
+class Product:
+    """out = epilogue(init + bias + a @ weight) at column j, a read through ReLU with `relu_a`;
+    the gate's epilogue takes the N outputs as halves (x, y) and gives tanh(x) * sigmoid(y)."""
+
+    a: Runs
+    weight: torch.Tensor        # (K, N)
+    out: Runs
+    init: Runs | None = None    # a per-row term's column, or a residual
+    bias: torch.Tensor | None = None
+    relu_a: bool = False
+    epilogue: str = "none"
+
+    def __call__(self, j: int) -> None:
+        a = self.a.at(j)
+        if self.relu_a:
+            a = F.relu(a)
+        base = self.bias if self.init is None else self.init.at(j) if self.bias is None else self.init.at(j) + self.bias
+        out = self.out.at(j)
+        if self.epilogue == "gate":
+            gate(torch.addmm(base, a, self.weight), out=out)
+            return
+        torch.addmm(base, a, self.weight, out=out)
+        if self.epilogue == "relu":
+            out.clamp_(min=0)
+
+
+def row_windows(rows: torch.Tensor, kw: int) -> torch.Tensor:
+    """Every output column's window of kw columns over all rows: rows (B, R, W + kw - 1, C)
+    to (B * W, R * kw * C), ordered (row, column, channel) like `window_matrix`'s rows."""
+    batch, count, columns, channels = rows.shape
+    sb, sr, sc, sk = rows.stride()
+    windows = rows.as_strided((batch, columns - kw + 1, count, kw, channels), (sb, sc, sr, sc, sk), rows.storage_offset())
+    return windows.flatten(2).flatten(0, 1)
+
+
+def shift_up(rows: torch.Tensor) -> None:
+    """rows (B, R, ...): every row moves up one, in place (the newest keeps its values)."""
+    if rows.shape[1] > 1:
+        rows[:, :-1] = rows[:, 1:].clone()
+
+
+def window_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A convolution's weight (out, C, R, kw) as the matrix (R * kw * C, out) of row_windows."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
 class RowState:
     """One masked convolution while a cached sampler fills an image in raster order.
 
-    It keeps its input's last kh-1 rows (a ring, zero-padded like the layer) and the current
-    row, filled a pixel and a colour group at a time (not yet computed groups stay zero, and
-    the mask gives them zero weight). `start_row` computes the rows-above part of the whole
-    row at once, plus the bias and any per-row `extra` term; `at(j, c)` then adds the current
-    row's taps for output group c at column j: a single matrix product per step.
+    `rows` (B, kh, W + kw - 1, Cin) holds its input's kh-1 rows above (zero-padded like the
+    layer) and the current row, filled a pixel and a colour group at a time (groups not yet
+    computed stay zero, and the mask gives them zero weight). `start_row` computes the
+    per-row term `pre` (B, W, out) of every column: the bias, the rows-above taps and any
+    `extra` product; `product(c, ...)` then adds the current row's taps for output group c
+    at column j: one matrix product per sub-step. Buffers are allocated once.
     """
 
-    def __init__(self, conv: MaskedConv2d, out_groups: torch.Tensor, colours: int, batch: int, width: int):
+    def __init__(self, conv: MaskedConv2d, out_groups: torch.Tensor, colours: int, batch: int, width: int,
+                 bias: torch.Tensor | float = 0.0):
         weight = conv.masked_weight().detach()
-        self.kh, kw = conv.kernel
+        self.kh, self.kw = conv.kernel
         self.left = conv.left
         out, channels = weight.shape[:2]
-        self.rows = [torch.nonzero(out_groups == c).flatten() for c in range(colours)]  # output rows of group c
+        rows = [torch.nonzero(out_groups == c).flatten() for c in range(colours)]  # output rows of group c
         # (left+1)*Cin by out_c per group: the current row's taps at and before the centre, channels last.
         current = weight[:, :, self.kh - 1, :self.left + 1].permute(0, 2, 1).reshape(out, -1)
-        self.step_weight = [current[rows].t().contiguous() for rows in self.rows]
-        self.above_weight = weight[:, :, :self.kh - 1]
-        self.bias = conv.bias.detach()
-        self.pad = (self.left, kw - 1 - self.left)
-        self.ring = weight.new_zeros(batch, channels, self.kh - 1, width + kw - 1)
-        self.row = weight.new_zeros(batch, width + self.left, channels)
-        self.pre: list[torch.Tensor] = []
+        self.step_weight = [current[r].t().contiguous() for r in rows]
+        self.group_runs = [_runs(r) for r in rows]
+        self.above_weight = window_matrix(weight[:, :, :self.kh - 1])
+        # the layer's bias plus `bias` ((out,), or per image (B, out)) at every column: (out,) or (B * W, out)
+        constant = conv.bias.detach() + bias
+        self.constant = constant if constant.dim() == 1 else constant[:, None].expand(-1, width, -1).reshape(-1, out)
+        self.rows = weight.new_zeros(batch, self.kh, width + self.kw - 1, channels)
+        self.row = self.rows[:, -1]
+        self.pre = weight.new_empty(batch, width, out)
+        self.pre.view(-1, out).copy_(self.constant.expand(batch * width, out))
 
-    def start_row(self, extra: torch.Tensor | None = None) -> None:
-        """Before the row's first pixel: the rows-above part, the bias and `extra` (B, out, W)
-        of every column, split by output group."""
-        width = self.row.shape[1] - self.left
-        pre = self.bias.view(1, -1, 1).expand(self.row.shape[0], -1, width)
-        if self.kh > 1:
-            pre = pre + F.conv2d(self.ring, self.above_weight)[:, :, 0]
-        if extra is not None:
-            pre = pre + extra
-        pre = pre.transpose(1, 2)
-        self.pre = [pre[:, :, rows].contiguous() for rows in self.rows]
-        self.row.zero_()
+    def start_row(self, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Before the row's first pixel: pre = bias + rows-above taps + extra[0] @ extra[1]
+        (extra[0]: (B * W, K), columns in order)."""
+        products = [(row_windows(self.rows[:, :-1], self.kw), self.above_weight)] if self.kh > 1 else []
+        products += [extra] if extra is not None else []
+        pre = self.pre.view(-1, self.pre.shape[2])
+        for n, (a, weight) in enumerate(products):
+            if n == 0:
+                torch.addmm(self.constant, a, weight, out=pre)
+            else:
+                pre.addmm_(a, weight)
 
-    def at(self, j: int, c: int) -> torch.Tensor:
-        """Output group c at column j, (B, out_c)."""
-        window = self.row[:, j:j + self.left + 1].reshape(self.row.shape[0], -1)
-        return torch.addmm(self.pre[c][:, j], window, self.step_weight[c])
+    def product(self, c: int, out: Runs, epilogue: str = "none") -> Product:
+        """Output group c at the current column: its window of the current row times the
+        current row's taps, plus its per-row term."""
+        batch, width, count = self.pre.shape
+        offset, runs, gap, length = self.group_runs[c]
+        term = self.pre.as_strided((batch, runs, length), (width * count, gap, 1), self.pre.storage_offset() + offset)
+        window = self.row[:, :self.left + 1].view(batch, 1, -1)
+        return Product(Runs.of(window, self.row.shape[2]), self.step_weight[c], out, init=Runs(term, count),
+                       epilogue=epilogue)
 
-    def write(self, j: int, channels: slice, values: torch.Tensor) -> None:
-        """Input channels `channels` at column j of the current row."""
-        self.row[:, j + self.left, channels] = values
-
-    def write_row(self, values: torch.Tensor) -> None:
-        """The whole current row's input at once, (B, Cin, W)."""
-        self.row[:, self.left:] = values.transpose(1, 2)
+    def input(self, channels: slice) -> Runs:
+        """Where input channels `channels` of the current row's column j go."""
+        return Runs.of(self.row[:, self.left, channels], self.row.shape[2])
 
     def end_row(self) -> None:
-        """The current row becomes the newest row above."""
-        if self.kh > 1:
-            self.ring = torch.cat([self.ring[:, :, 1:], F.pad(self.row[:, self.left:].transpose(1, 2), self.pad)[:, :, None]], 2)
+        """The current row becomes the newest row above; the new current row is zeros."""
+        shift_up(self.rows)
+        self.row.zero_()
+
+
+def _runs(indices: torch.Tensor) -> tuple[int, int, int, int]:
+    """Sorted indices as (offset, count, gap, length): `count` evenly spaced runs of `length`
+    consecutive indices (a colour group of a layer, or of a gate's two halves)."""
+    starts = [0] + [n for n in range(1, len(indices)) if indices[n] != indices[n - 1] + 1]
+    count, length = len(starts), len(indices) // len(starts)
+    gap = int(indices[starts[1]] - indices[0]) if count > 1 else length
+    expected = int(indices[0]) + gap * torch.arange(count)[:, None] + torch.arange(length)
+    if not torch.equal(indices, expected.flatten()):
+        raise ValueError("a colour group's outputs are not evenly spaced runs")
+    return int(indices[0]), count, gap, length
 
 
 class Pointwise:
@@ -298,9 +397,9 @@ class Pointwise:
         self.weight = [weight[r, :n].t().contiguous() for r, n in zip(rows, self.reads)]
         self.bias = [bias[r] for r in rows]
 
-    def at(self, x: torch.Tensor, c: int) -> torch.Tensor:
+    def product(self, c: int, x: torch.Tensor, out: Runs, **options) -> Product:
         """Output group c from x (B, Cin) (only groups <= c of it are read)."""
-        return torch.addmm(self.bias[c], x[:, :self.reads[c]], self.weight[c])
+        return Product(Runs.of(x[:, :self.reads[c]]), self.weight[c], out, bias=self.bias[c], **options)
 
 
 def group_slice(count: int, colours: int, c: int) -> slice:
@@ -310,34 +409,75 @@ def group_slice(count: int, colours: int, c: int) -> slice:
 
 
 class CachedSampler:
-    """The loop both masked families' cached samplers share: rows, pixels, then one sub-step
-    per colour. A family supplies `start_row`, `step(j, c) -> logits (B, N)` and `end_row`,
-    and `inputs`, the RowState of its first layer (whose current row is the image's)."""
+    """What both masked families' cached samplers share: the output layers, the draw, the
+    levels and logits of the pixel, and the sampling loop (rows, pixels, then one sub-step
+    per colour). A family supplies its first layer's RowState `inputs` (whose current row
+    holds the image's features), the buffer `final` (B, F) the output layers read through
+    ReLU, `products(c)` (its share of colour c's plan, which ends by writing `final`'s
+    group c), `start_row` and `end_row`."""
 
-    inputs: RowState
+    def __init__(self, model: MaskedFamily, inputs: RowState, final: torch.Tensor):
+        config = self.config = model.config
+        colours, n = config.channels, config.color_levels
+        batch, width = final.shape[0], config.shape[1]
+        self.model, self.inputs = model, inputs
+        self.hidden = final.new_zeros(batch, config.out_hidden_fmaps)
+        self.logits = final.new_zeros(batch, colours, n)  # the pixel's, every colour
+        self.levels = torch.zeros(batch, colours, width, dtype=torch.int64)  # the row's drawn levels
+        with torch.no_grad():  # the input features of each level: (N, features of one colour)
+            self.table = model.inputs(torch.arange(n).view(n, 1, 1, 1), final.dtype)[:, :, 0, 0].contiguous()
+        self.features = [inputs.input(slice(None) if config.categorical_inputs else slice(c, c + 1))
+                         for c in range(colours)]
+        hidden = groups(config.out_hidden_fmaps, colours)
+        out_hidden = Pointwise(model.out_hidden, hidden, groups(final.shape[1], colours), colours)
+        out = Pointwise(model.out, groups(colours * n, colours), hidden, colours)
+        self.plan = [self.products(c) + [
+            out_hidden.product(c, final, Runs.of(self.hidden[:, group_slice(config.out_hidden_fmaps, colours, c)]),
+                               relu_a=True, epilogue="relu"),
+            out.product(c, self.hidden, Runs.of(self.logits[:, c]))] for c in range(colours)]
 
-    def __init__(self, model: MaskedFamily):
-        self.model = model
+    def rows(self, x: torch.Tensor, noise: torch.Tensor, backend: str = "torch",
+             on_logits: Callable[[int, int, torch.Tensor], None] | None = None):
+        """Fill the canvas x (B, C, H, W) in place, each pixel by `backend` ("torch" or
+        "cext"); yield after each row. on_logits(i, j, logits (B, C, N)) sees every pixel's."""
+        if backend == "cext":
+            from .cext_masked import EnginePixels
+            pixel = EnginePixels(self, noise)
+        else:
+            pixel = TorchPixels(self, noise)
+        height, width = self.config.shape
+        with torch.no_grad():
+            for i in range(height):
+                self.start_row()
+                for j in range(width):
+                    pixel(i, j)
+                    if on_logits is not None:
+                        on_logits(i, j, self.logits)
+                self.end_row()
+                x[:, :, i] = self.model.canvas_values(self.levels, x.dtype)
+                yield i
 
-    def rows(self, x: torch.Tensor, noise: torch.Tensor):
-        """Fill the canvas x (B, C, H, W) in place; yield after each row."""
-        model, config = self.model, self.model.config
-        for i in range(config.shape[0]):
-            self.start_row()
-            for j in range(config.shape[1]):
-                for c in range(config.channels):
-                    level = categorical.draw(self.step(j, c), noise[:, c, i, j])
-                    self.inputs.write(j, slice(c, c + 1) if not config.categorical_inputs else slice(None),
-                                      model.inputs(level[:, None, None, None], self.inputs.row.dtype)[:, :, 0, 0])
-                    x[:, c, i, j] = model.canvas_values(level, x.dtype)
-            self.end_row()
-            yield i
+    def products(self, c: int) -> list[Product]:
+        raise NotImplementedError
 
     def start_row(self) -> None:
         raise NotImplementedError
 
-    def step(self, j: int, c: int) -> torch.Tensor:
-        raise NotImplementedError
-
     def end_row(self) -> None:
         raise NotImplementedError
+
+
+class TorchPixels:
+    """A pixel with PyTorch operators: per colour, its plan's products, then the draw."""
+
+    def __init__(self, sampler: CachedSampler, noise: torch.Tensor):
+        self.sampler, self.noise = sampler, noise
+
+    def __call__(self, i: int, j: int) -> None:
+        s = self.sampler
+        for c, plan in enumerate(s.plan):
+            for product in plan:
+                product(j)
+            level = categorical.draw(s.logits[:, c], self.noise[:, c, i, j])
+            s.levels[:, c, j] = level
+            s.features[c].at(j).copy_(s.table[level])

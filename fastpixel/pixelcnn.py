@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, RowState,
-                     group_slice, groups, pointwise)
+from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, Product,
+                     RowState, Runs, group_slice, groups, pointwise)
 
 
 @dataclass
@@ -98,44 +98,34 @@ class CachedPixelCNN(CachedSampler):
     """A PixelCNN unrolled for sampling: per pixel and colour group c, group c of every layer."""
 
     def __init__(self, model: PixelCNN, batch: int, labels: torch.Tensor | None):
-        super().__init__(model)
         config = model.config
         h, colours, width = config.hidden_fmaps, config.channels, config.shape[1]
         stream, inner = groups(2 * h, colours), groups(h, colours)
-        self.inputs = RowState(model.causal, stream, colours, batch, width)
-        self.convs = [RowState(b.conv, inner, colours, batch, width) for b in model.blocks]
+        with torch.no_grad():
+            self.convs = [RowState(b.conv, inner, colours, batch, width, bias=b.bias(labels)) for b in model.blocks]
         self.reduce = [Pointwise(b.reduce, inner, stream, colours) for b in model.blocks]
         self.expand = [Pointwise(b.expand, stream, inner, colours) for b in model.blocks]
-        out_hidden = groups(config.out_hidden_fmaps, colours)
-        self.out_hidden = Pointwise(model.out_hidden, out_hidden, stream, colours)
-        self.out = Pointwise(model.out, groups(colours * config.color_levels, colours), out_hidden, colours)
-        with torch.no_grad():
-            self.label_bias = [b.bias(labels) for b in model.blocks]
         like = model.out.weight.detach()
-        self.stream = like.new_zeros(len(model.blocks) + 1, batch, 2 * h)  # this pixel's stream, per block
-        self.inner = like.new_zeros(len(model.blocks), batch, h)            # this pixel's k x k outputs
-        self.hidden = like.new_zeros(batch, config.out_hidden_fmaps)
+        self.stream = like.new_zeros(batch, len(model.blocks) + 1, 2 * h)  # this pixel's stream, per block
+        self.inner = like.new_zeros(batch, len(model.blocks), h)            # this pixel's k x k outputs
         self.h, self.colours = h, colours
+        super().__init__(model, RowState(model.causal, stream, colours, batch, width), self.stream[:, -1])
+
+    def products(self, c: int) -> list[Product]:
+        outer, inner = group_slice(2 * self.h, self.colours, c), group_slice(self.h, self.colours, c)
+        plan = [self.inputs.product(c, Runs.of(self.stream[:, 0, outer]))]
+        for n, conv in enumerate(self.convs):
+            plan += [self.reduce[n].product(c, self.stream[:, n], conv.input(inner), relu_a=True, epilogue="relu"),
+                     conv.product(c, Runs.of(self.inner[:, n, inner]), epilogue="relu"),
+                     self.expand[n].product(c, self.inner[:, n], Runs.of(self.stream[:, n + 1, outer]),
+                                            init=Runs.of(self.stream[:, n, outer]))]
+        return plan
 
     @torch.no_grad()
     def start_row(self) -> None:
-        self.inputs.start_row()
-        for conv, bias in zip(self.convs, self.label_bias):
-            conv.start_row(None if isinstance(bias, float) else bias[:, :, None])
-
-    @torch.no_grad()
-    def step(self, j: int, c: int) -> torch.Tensor:
-        outer, inner = group_slice(2 * self.h, self.colours, c), group_slice(self.h, self.colours, c)
-        self.stream[0, :, outer] = self.inputs.at(j, c)
-        for n, conv in enumerate(self.convs):
-            conv.write(j, inner, F.relu(self.reduce[n].at(F.relu(self.stream[n]), c)))
-            self.inner[n, :, inner] = F.relu(conv.at(j, c))
-            self.stream[n + 1, :, outer] = self.stream[n, :, outer] + self.expand[n].at(self.inner[n], c)
-        hidden = group_slice(self.hidden.shape[1], self.colours, c)
-        self.hidden[:, hidden] = F.relu(self.out_hidden.at(F.relu(self.stream[-1]), c))
-        return self.out.at(self.hidden, c)
+        for conv in [self.inputs, *self.convs]:
+            conv.start_row()
 
     def end_row(self) -> None:
-        self.inputs.end_row()
-        for conv in self.convs:
+        for conv in [self.inputs, *self.convs]:
             conv.end_row()

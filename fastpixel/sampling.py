@@ -75,7 +75,7 @@ def sample(model, n: int, fast: bool = False, seed: int | None = None,
     by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
     cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
     `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
-    fastpixel.backend (the masked families run on "torch" only). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
+    fastpixel.backend (the masked families run "cext" or "torch"). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
     """
     family = family_of(model).name
@@ -122,7 +122,7 @@ def _rows(model, family: str, fast: bool, backend: str, x: torch.Tensor, noise: 
         return _naive_rows(model, x, noise, labels)
     if family == "pixelcnnpp":
         return cache.sample_rows(model, x, noise, labels, backend=backend)
-    return model.cached_sampler(len(x), labels).rows(x, noise)
+    return model.cached_sampler(len(x), labels).rows(x, noise, backend)
 
 
 def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
@@ -130,14 +130,14 @@ def resolve_backend(device: torch.device | str, fast: bool, requested: str | Non
     """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
     `dtype` and `family` (fastpixel.backend.choose). Raises a ValueError (a
     fastpixel.backend.BackendError when it cannot run here) before any work. The masked
-    families run PyTorch layers only, whatever $FASTPIXEL_BACKEND says."""
-    if family != "pixelcnnpp":
-        if requested not in (None, "torch"):
-            raise ValueError(f"backend {requested!r} serves PixelCNN++ models only: the {family} family "
-                             "samples with PyTorch layers (backend 'torch')")
-        return "torch"
+    families have no Triton kernels: "triton" is refused for them, and where it would be
+    chosen (CUDA tensors) they take "torch"."""
     if fast:
-        return choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
+        if family != "pixelcnnpp" and (requested or os.environ.get(ENV_VAR)) == "triton":
+            raise ValueError(f"backend 'triton' serves PixelCNN++ models only: the {family} family samples with "
+                             "the C++ engine (backend 'cext', on the CPU) or PyTorch layers (backend 'torch')")
+        name = choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
+        return "torch" if family != "pixelcnnpp" and name == "triton" else name
     if requested not in (None, "torch"):
         raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
                          "the naive sampler runs plain PyTorch layers")

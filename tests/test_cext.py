@@ -204,3 +204,14 @@ def test_without_a_compiler_auto_falls_back_with_a_warning_and_forced_cext_fails
     monkeypatch.setenv("FASTPIXEL_BACKEND", "cext")
     with pytest.raises(BackendError, match="FASTPIXEL_BACKEND=cext cannot run here"):
         fastpixel.sample(model, 2, fast=True)
+
+
+def test_masked_families_fall_back_alike(fresh_build, monkeypatch):
+    from tests.test_masked_families import tiny
+    monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
+    model = tiny("gated", dtype=torch.float32, image_size=(3, 4))
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ engine is unavailable.*no C\\+\\+ compiler"):
+        images = fastpixel.sample(model, 2, fast=True, seed=3)
+    assert torch.equal(images, fastpixel.sample(model, 2, fast=True, seed=3, backend="torch"))
+    with pytest.raises(BackendError, match="backend 'cext' cannot run here: no C\\+\\+ compiler"):
+        fastpixel.sample(model, 2, fast=True, backend="cext")

@@ -36,7 +36,7 @@ def test_train_sample_and_eval_each_family_on_real_mnist(family, tmp_path):
     out = run("sample", "--fast", "--checkpoint", save_dir, "-n", "2", "--label", "7", "--out", tmp_path / "s.png",
               "--npy", tmp_path / "s.npy")
     assert out.returncode == 0, out.stderr
-    assert "torch backend" in out.stdout and np.load(tmp_path / "s.npy").shape == (2, 1, 28, 28)
+    assert "cext backend" in out.stdout and np.load(tmp_path / "s.npy").shape == (2, 1, 28, 28)
 
     out = run("eval", "--checkpoint", save_dir, "--data_set", "mnist", "--data_dir", SHARED_DATA, "--max_images", "20",
               "--no_download", "--json", tmp_path / "e.json")

@@ -2,6 +2,8 @@
 autograd, the categorical likelihood and sampler against exact references, the cached
 sampler against the naive one, and files."""
 import itertools
+import os
+import shutil
 
 import pytest
 import torch
@@ -196,58 +198,91 @@ def test_sampled_pixels_follow_the_models_joint_pmf(family):
 
 
 # ------------------------------------------------------------------------------------ cached = naive
-def run_cached(model, n, seed):
-    """Images and, at every sub-step, (cached logits, logits of a full forward pass on the
-    partial canvas), from the cached sampler driven by hand."""
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+BACKENDS = ["torch", pytest.param("cext", marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler"))]
+
+
+def run_cached(model, n, seed, backend):
+    """Images from the cached sampler run by `backend`, and the largest difference between
+    its logits at every sub-step and a forward pass (causal: a sub-pixel's logits depend only
+    on the final values before it, so one pass over the final images gives them all)."""
     cfg = model.config
     labels = labels_for(model, n)
     noise = torch.stack([image_noise(cfg, seed, i) for i in range(n)])
     dtype = torch.int64 if cfg.categorical_inputs else next(model.parameters()).dtype
     x = torch.zeros(n, cfg.channels, *cfg.shape, dtype=dtype)
-    sampler = model.cached_sampler(n, labels)
-    pairs, row = [], [0]
-    step = sampler.step
+    seen = torch.zeros(n, cfg.channels, cfg.color_levels, *cfg.shape, dtype=next(model.parameters()).dtype)
 
-    def compared(j, c):
-        logits = step(j, c)
-        with torch.no_grad():
-            full = model(x[:, 0] if cfg.categorical_inputs else x, labels)[:, c, :, row[0], j]
-        pairs.append((logits, full))
-        return logits
+    def keep(i, j, logits):
+        seen[..., i, j] = logits
 
-    sampler.step = compared
-    for r in sampler.rows(x, noise):
-        row[0] = r + 1
-    return x, pairs
+    for _ in model.cached_sampler(n, labels).rows(x, noise, backend, on_logits=keep):
+        pass
+    with torch.no_grad():
+        full = model(x[:, 0] if cfg.categorical_inputs else x, labels)
+    return x, float((seen - full).abs().max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("option", OPTIONS)
-def test_cached_steps_equal_a_forward_pass_and_images_equal_naive_float64(family, option):
+def test_cached_steps_equal_a_forward_pass_and_images_equal_naive_float64(family, option, backend):
     model = tiny(family, **OPTIONS[option])
-    x, pairs = run_cached(model, 3, seed=5)
-    assert max(float((a - b).abs().max()) for a, b in pairs) <= 1e-10
+    x, difference = run_cached(model, 3, 5, backend)
+    assert difference <= 1e-10
     labels = labels_for(model, 3)
     naive = fastpixel.sample(model, 3, fast=False, seed=5, labels=labels)
-    fast = fastpixel.sample(model, 3, fast=True, seed=5, labels=labels)
+    fast = fastpixel.sample(model, 3, fast=True, seed=5, labels=labels, backend=backend)
     assert torch.equal(fast, naive)
     drawn = x[:, 0] if model.config.categorical_inputs else fastpixel.sampling.to_uint8(x)
     assert torch.equal(fast, drawn)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("option", ["rgb-4-labels", "grey-256", "codes-300-labels"])
-def test_cached_sampling_float32(family, option):
+def test_cached_sampling_float32(family, option, backend):
     """float32: every step within 1e-4 of a forward pass; images equal the naive sampler's,
     except where a uniform lies within rounding of a CDF edge."""
     model = tiny(family, dtype=torch.float32, **OPTIONS[option])
-    _, pairs = run_cached(model, 2, seed=1)
-    assert max(float((a - b).abs().max()) for a, b in pairs) <= 1e-4
+    _, difference = run_cached(model, 2, 1, backend)
+    assert difference <= 1e-4
     labels = labels_for(model, 4)
-    fast = fastpixel.sample(model, 4, fast=True, seed=2, labels=labels)
+    fast = fastpixel.sample(model, 4, fast=True, seed=2, labels=labels, backend=backend)
     naive = fastpixel.sample(model, 4, fast=False, seed=2, labels=labels)
     for i in (fast != naive).flatten(1).any(1).nonzero().flatten().tolist():
         _assert_first_difference_on_an_edge(model, 2, i, fast[i], naive[i], labels)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cext_is_the_default_on_the_cpu_and_runs_no_pytorch_operator_per_pixel(family):
+    """The automatic choice is the engine, and a draw's PyTorch operators (per sampler and
+    per row) do not grow with the row's width: no pixel runs one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def operators(width):
+        model = tiny(family, image_size=(3, width), **OPTIONS["rgb-4-labels"])
+        noise = torch.rand(2, 3, 3, width, dtype=torch.float64)
+        sampler = model.cached_sampler(2, labels_for(model, 2))
+        Count.calls = 0
+        with Count():
+            for _ in sampler.rows(torch.zeros(2, 3, 3, width, dtype=torch.float64), noise, "cext"):
+                pass
+        return Count.calls
+
+    for dtype in (torch.float32, torch.float64):
+        assert fastpixel.sampling.resolve_backend("cpu", True, None, dtype, family) == "cext"
+    assert fastpixel.sampling.resolve_backend("cpu", True, "torch", torch.float64, family) == "torch"
+    assert fastpixel.sampling.resolve_backend("cpu", True, None, torch.bfloat16, family) == "torch"
+    assert operators(4) == operators(12)
 
 
 def _assert_first_difference_on_an_edge(model, seed, i, image, reference, labels):

@@ -75,6 +75,17 @@ def test_backend_that_cannot_run_is_one_line_exit_2_before_sampling(checkpoint, 
     assert_refused(["--checkpoint", checkpoint, *args], message, tmp_path, env=environment(**env))
 
 
+def test_a_gated_model_samples_on_the_engine_and_refuses_triton(tmp_path):
+    from tests.test_masked_families import tiny
+    path = fastpixel.save(tiny("gated", dtype=torch.float32, image_size=(3, 4)), tmp_path / "gated.safetensors")
+    out = run_cli("--fast", "--checkpoint", path, "-n", 2, "--npy", "a.npy", cwd=tmp_path, env=environment())
+    assert out.returncode == 0, out.stderr
+    assert "cached sampling, cext backend, on cpu" in out.stdout
+    assert np.array_equal(np.load(tmp_path / "a.npy"), fastpixel.sample(fastpixel.load(path), 2, seed=0).numpy())
+    assert_refused(["--fast", "--checkpoint", path, "--backend", "triton"], "serves PixelCNN++ models only", tmp_path,
+                   env=environment())
+
+
 def assert_refused(args, message, cwd, env=None):
     """The CLI ends with one line naming `message`, exit code 2, and no file written."""
     before = set(cwd.iterdir())
