@@ -20,12 +20,3 @@ def test_benchmarks_run_quickly_and_report(tmp_path):
     assert "| tiny | 1 |" in table and "| tiny | 2 |" in table and "Check of the estimate" in table
     assert (tmp_path / "quick.png").stat().st_size > 0
 
-
-def test_masked_speed_runs(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import masked_speed
-    finally:
-        sys.path.pop(0)
-    masked_speed.main(["--configs", "pixelcnn-mnist", "--batch", "1", "--repeats", "1", "--backends", "torch"])
-    assert "| pixelcnn-mnist | " in capsys.readouterr().out
