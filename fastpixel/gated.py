@@ -78,12 +78,12 @@ class GatedPixelCNN(MaskedFamily):
     before it in raster order, colours in order within a pixel."""
 
     config_class = GatedConfig
-    top_features = staticmethod(lambda config: config.hidden_fmaps)
 
     def __init__(self, config: GatedConfig):
         super().__init__(config)
         self.causal = GatedBlock(config, causal=True)
         self.blocks = nn.ModuleList(GatedBlock(config, causal=False) for _ in range(config.hidden_layers))
+        self.add_output_layers(config.hidden_fmaps)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = self.features(x, labels)

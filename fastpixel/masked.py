@@ -154,7 +154,6 @@ class MaskedFamily(nn.Module):
     tools use: forward(x, labels) -> logits (B, C, N, H, W), `levels`, `nll` and `draw`."""
 
     config_class: type  # the family's config
-    top_features: staticmethod  # config -> features the output layers read
 
     def __init__(self, config: MaskedConfig):
         super().__init__()
@@ -162,9 +161,13 @@ class MaskedFamily(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a fastpixel.{self.config_class.__name__}, "
                             f"got {type(config).__name__}")
         self.config = config
-        colours = config.channels
         self.inputs = InputFeatures(config)
-        self.out_hidden = pointwise(groups(self.top_features(config), colours), groups(config.out_hidden_fmaps, colours))
+
+    def add_output_layers(self, top_features: int) -> None:
+        """The output layers, built last so that parameters are registered from input to output
+        (a saved optimiser state maps onto them by that order)."""
+        config, colours = self.config, self.config.channels
+        self.out_hidden = pointwise(groups(top_features, colours), groups(config.out_hidden_fmaps, colours))
         self.out = pointwise(groups(config.out_hidden_fmaps, colours), groups(colours * config.color_levels, colours))
 
     def features(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -43,7 +43,6 @@ def _masked(config: PixelCNNConfig, in_channels: int, out_channels: int, ksize: 
 
 class ResidualBlock(nn.Module):
     config_class = PixelCNNConfig
-    top_features = staticmethod(lambda config: 2 * config.hidden_fmaps)
 
     def __init__(self, config: PixelCNNConfig):
         super().__init__()
@@ -76,12 +75,12 @@ class PixelCNN(MaskedFamily):
     before it in raster order, colours in order within a pixel."""
 
     config_class = PixelCNNConfig
-    top_features = staticmethod(lambda config: 2 * config.hidden_fmaps)
 
     def __init__(self, config: PixelCNNConfig):
         super().__init__(config)
         self.causal = _masked(config, config.input_channels, 2 * config.hidden_fmaps, config.causal_ksize, "A")
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.hidden_layers))
+        self.add_output_layers(2 * config.hidden_fmaps)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = self.features(x, labels)

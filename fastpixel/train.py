@@ -242,6 +242,11 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval()
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.model.parameters():  # Adam's state maps onto parameters by position: check it fits
+            moments = self.optimizer.state.get(p, {}).get("exp_avg")
+            if moments is not None and moments.shape != p.shape:
+                raise ValueError(f"its optimiser state holds a {tuple(moments.shape)} moment for a parameter of "
+                                 f"shape {tuple(p.shape)}")
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.epoch_bits = list(state.get("epoch_bits", []))

@@ -80,3 +80,23 @@ def test_family_mismatches_are_clear_errors(tmp_path):
     out = run("sample", "--fast", "--checkpoint", tmp_path / "p.safetensors", "-n", "1", "--backend", "triton",
               "--out", tmp_path / "s.png")
     assert out.returncode == 2 and "PixelCNN++ models only" in out.stderr
+
+
+def test_resume_refuses_an_optimiser_state_that_does_not_fit(tmp_path):
+    """Adam's state maps onto parameters by position: a state whose moments do not fit the
+    model's parameters is refused up front, not met as a shape error inside a step."""
+    from fastpixel.integrity import load_sealed, sealed
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 8)):
+        np.savez(tmp_path / f"{split}.npz", codes=rng.integers(0, 10, (n, 4, 5)))
+    args = ["--model", "gated", "--data_set", "codes", "--data_dir", tmp_path, "--save_dir", tmp_path / "run",
+            "--color_levels", "10", *TINY[:10], "--batch_size", "8", "--num_samples", "0"]
+    out = run("train", *args, "--max_steps", "2")
+    assert out.returncode == 0, out.stderr
+    state_path = tmp_path / "run" / "state.pt"
+    state = load_sealed(state_path)
+    moments = state["optimizer"]["state"]
+    moments[0], moments[2] = moments[2], moments[0]  # two parameters of different shapes
+    state_path.write_bytes(sealed(state))
+    out = run("train", *args, "--max_steps", "4", "--resume")
+    assert out.returncode == 2 and "optimiser state holds" in out.stderr
