@@ -71,11 +71,7 @@ class GatedBlock(nn.Module):
 
 
 class GatedPixelCNN(MaskedFamily):
-    """forward(x, labels=None) -> logits (B, C, N, H, W).
-
-    x: images on the 256-level grid in [-1, 1] (B, C, H, W), or integer codes (B, H, W) with
-    `categorical_inputs`; the logits of sub-pixel (p, c) depend only on the sub-pixels
-    before it in raster order, colours in order within a pixel."""
+    """The Gated PixelCNN: forward(x, labels=None) -> logits (B, C, N, H, W), as MaskedFamily says."""
 
     config_class = GatedConfig
 

@@ -151,7 +151,11 @@ class InputFeatures(nn.Module):
 class MaskedFamily(nn.Module):
     """What both masked families share: the input features, the output layers (ReLU - 1x1 -
     ReLU - 1x1 to N logits per sub-pixel), and the interface fastpixel's samplers, trainer and
-    tools use: forward(x, labels) -> logits (B, C, N, H, W), `levels`, `nll` and `draw`."""
+    tools use: forward(x, labels) -> logits (B, C, N, H, W), `levels`, `nll` and `draw`.
+
+    x: images on the 256-level grid in [-1, 1] (B, C, H, W), or integer codes (B, H, W) with
+    `categorical_inputs`; the logits of sub-pixel (p, c) depend only on the sub-pixels before
+    it in raster order, colours in order within a pixel."""
 
     config_class: type  # the family's config
 
