@@ -48,7 +48,10 @@ class VerticalConv(nn.Module):
 
 
 class GatedBlock(nn.Module):
-    def __init__(self, config: GatedConfig, causal: bool):
+    """The causal block (mask A; no skip, residual or label bias) or a gated block; the last
+    block has no residual either, since nothing reads its horizontal output but its skip."""
+
+    def __init__(self, config: GatedConfig, causal: bool, last: bool = False):
         super().__init__()
         p, colours = config.hidden_fmaps, config.channels
         in_channels = config.input_channels if causal else p
@@ -60,7 +63,8 @@ class GatedBlock(nn.Module):
         self.skip = self.residual = self.label_bias = None
         if not causal:
             self.skip = pointwise(groups(p, colours), groups(p, colours))
-            self.residual = pointwise(groups(p, colours), groups(p, colours))
+            if not last:
+                self.residual = pointwise(groups(p, colours), groups(p, colours))
             if config.num_classes is not None:
                 self.label_bias = nn.Embedding(config.num_classes, 2 * p)
                 nn.init.zeros_(self.label_bias.weight)
@@ -78,7 +82,8 @@ class GatedPixelCNN(MaskedFamily):
     def __init__(self, config: GatedConfig):
         super().__init__(config)
         self.causal = GatedBlock(config, causal=True)
-        self.blocks = nn.ModuleList(GatedBlock(config, causal=False) for _ in range(config.hidden_layers))
+        self.blocks = nn.ModuleList(GatedBlock(config, causal=False, last=n == config.hidden_layers - 1)
+                                    for n in range(config.hidden_layers))
         self.add_output_layers(config.hidden_fmaps)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +100,8 @@ class GatedPixelCNN(MaskedFamily):
             gated = gate(block.horizontal(h) + block.link(vertical) + bias)
             v = gate(vertical + bias)
             skips = skips + block.skip(gated)
-            h = h + block.residual(gated)
+            if block.residual is not None:
+                h = h + block.residual(gated)
         return self.logits(skips)
 
     def cached_sampler(self, batch: int, labels: torch.Tensor | None) -> "CachedGated":
@@ -141,7 +147,7 @@ class CachedGated(CachedSampler):
         self.horizontal = [RowState(b.horizontal, gate_groups(p, colours), colours, batch, width,
                                     bias=b.link.bias.detach() + bias) for b, bias in zip(blocks, self.label_bias)]
         hidden = groups(p, colours)
-        self.residual = [Pointwise(b.residual, hidden, hidden, colours) for b in model.blocks]
+        self.residual = [Pointwise(b.residual, hidden, hidden, colours) for b in model.blocks[:-1]]
         self.skip = [Pointwise(b.skip, hidden, hidden, colours) for b in model.blocks]
         self.gated = like.new_zeros(batch, len(model.blocks), p)  # this pixel's gate outputs, per block
         self.skips = like.new_zeros(batch, p)
