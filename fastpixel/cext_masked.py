@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .cext_step import _engine, _op, _Ops
+from .cext_step import OpList, load_engine, pack_op
 from .masked import EPILOGUES, CachedSampler, Product, Runs
 
 _PRODUCT, _DRAW = 8, 9  # csrc/step.cpp `Kind`
@@ -29,7 +29,7 @@ class EnginePixels:
         if dtype not in (torch.float32, torch.float64) or sampler.logits.device.type != "cpu":
             raise ValueError(f"the C++ engine runs float32 and float64 models on the CPU, not {dtype} on "
                              f"{sampler.logits.device}")
-        run, slots = _engine(dtype)
+        run, slots = load_engine(dtype)
         self.width = sampler.config.shape[1]
         self.position = torch.zeros(1, dtype=torch.int32)
         self._position = self.position.numpy()  # the same memory: set without a PyTorch operator
@@ -38,13 +38,13 @@ class EnginePixels:
         head = [self.position, self.width, batch]
         ops = []
         for c, plan in enumerate(sampler.plan):
-            ops += [_op(_PRODUCT, head + self._product(p), slots) for p in plan]
+            ops += [pack_op(_PRODUCT, head + self._product(p), slots) for p in plan]
             levels = sampler.levels[:, c]
-            ops.append(_op(_DRAW, head + [
+            ops.append(pack_op(_DRAW, head + [
                 sampler.logits[:, c], sampler.logits.stride(0), sampler.logits.shape[2],
                 self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
                 levels.data_ptr(), levels.stride(0), levels.stride(1)], slots))
-        self.call = _Ops(run, ops, [self.noise, sampler])
+        self.call = OpList(run, ops, [self.noise, sampler])
 
     @staticmethod
     def _product(p: Product) -> list:

@@ -34,7 +34,7 @@ _ADVANCE, _ROW_SHIFT, _ROW_WRITE, _ROW_CONV, _NONLOCAL = 3, 4, 5, 6, 7
 _PERIOD = 1 << (LEVELS - 1)  # the coarsest level's stride
 
 
-def _op(kind: int, values: list, slots: int) -> np.ndarray:
+def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     """One op descriptor: its kind, then its arguments (tensors as addresses, None as 0)."""
     for value in values:
         if isinstance(value, torch.Tensor) and value.dtype == torch.int64:
@@ -50,21 +50,21 @@ def _op(kind: int, values: list, slots: int) -> np.ndarray:
 def _pack(launch: Op | Advance | _GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
     """A step plan's launch as an op. Tensors made here for the engine go into `keep`."""
     if isinstance(launch, Advance):
-        return _op(_ADVANCE, [launch.position], slots)
+        return pack_op(_ADVANCE, [launch.position], slots)
     if isinstance(launch, _GraphableNonLocal):
         block, x = launch.block, launch.x
         layers = [(layer.weight.t().contiguous(), layer.bias) for layer in (block.query, block.key, block.value, block.out)]
         keep.extend(layers)
         inner = block.keys.shape[2]
-        return _op(_NONLOCAL, [launch.position, launch.width, launch.level, launch.width >> launch.level,
+        return pack_op(_NONLOCAL, [launch.position, launch.width, launch.level, launch.width >> launch.level,
                                x, x.stride(0), launch.out, launch.out.stride(0), x.shape[0], x.shape[1], inner,
                                *(t for layer in layers for t in layer), block.keys, block.values, block.keys.shape[1]],
                    slots)
     kind, names = _CONSTEXPRS[type(launch)]
-    return _op(kind, [*launch.args, *(int(launch.constexprs[name]) for name in names)], slots)
+    return pack_op(kind, [*launch.args, *(int(launch.constexprs[name]) for name in names)], slots)
 
 
-class _Ops:
+class OpList:
     """A run of packed ops: one call into the engine."""
 
     def __init__(self, run: Callable[[ctypes.c_void_p, int], None], ops: list[np.ndarray], keep: list):
@@ -75,7 +75,7 @@ class _Ops:
         self.run(self.address, self.count)
 
 
-def _engine(dtype: torch.dtype) -> tuple[Callable[[ctypes.c_void_p, int], None], int]:
+def load_engine(dtype: torch.dtype) -> tuple[Callable[[ctypes.c_void_p, int], None], int]:
     """The engine's entry point for `dtype` and its op size. Raises extension.BuildError."""
     library = extension.load()
     return library.fp_run_float64 if dtype == torch.float64 else library.fp_run_float32, library.fp_op_slots()
@@ -84,9 +84,9 @@ def _engine(dtype: torch.dtype) -> tuple[Callable[[ctypes.c_void_p, int], None],
 def engine_call(launches: list, dtype: torch.dtype) -> Callable[[], None]:
     """One call into the engine that runs a step plan's `launches` in order, on tensors of
     `dtype` (float32 or float64), packed now. Raises extension.BuildError when there is no engine."""
-    run, slots = _engine(dtype)
+    run, slots = load_engine(dtype)
     keep: list = []
-    return _Ops(run, [_pack(launch, slots, keep) for launch in launches], keep)
+    return OpList(run, [_pack(launch, slots, keep) for launch in launches], keep)
 
 
 class _RowOps:
@@ -98,7 +98,7 @@ class _RowOps:
     def __init__(self, model: PixelCNNpp, net: CachedNetwork, left_term: torch.Tensor):
         self.net, self.left_term = net, left_term
         self.nl = NONLINEARITIES.index(model.config.resnet_nonlinearity)
-        self.run, self.slots = _engine(left_term.dtype)
+        self.run, self.slots = load_engine(left_term.dtype)
         self.keep: list[torch.Tensor] = []  # what the engine reads and no one else holds
         batch, width, nf = left_term.shape
         widths = [width >> level for level in range(LEVELS)]
@@ -106,12 +106,12 @@ class _RowOps:
         self.up = [[new(batch, w, nf) for _ in range(len(net.up_u[level]) + 1)] for level, w in enumerate(widths)]
         self.down = [[new(batch, w, nf) for _ in net.down_u[level]] for level, w in enumerate(widths)]
         self.scratch = [new(batch, w, nf) for w in widths]  # a block's first convolution's output
-        self.plans: dict[tuple[bool, int], _Ops] = {}
+        self.plans: dict[tuple[bool, int], OpList] = {}
 
     def __call__(self, r: int) -> None:
         key = (r == 0, r % _PERIOD)
         if key not in self.plans:
-            self.plans[key] = _Ops(self.run, self._walk(r), self.keep)
+            self.plans[key] = OpList(self.run, self._walk(r), self.keep)
         self.plans[key]()
 
     def _walk(self, r: int) -> list[np.ndarray]:
@@ -164,11 +164,11 @@ class _RowOps:
 
     def _shift(self, cache: _ConvCache) -> np.ndarray:
         rows = cache.rows
-        return _op(_ROW_SHIFT, [rows, rows.stride(0), rows.shape[0], rows.shape[1], rows.stride(1)], self.slots)
+        return pack_op(_ROW_SHIFT, [rows, rows.stride(0), rows.shape[0], rows.shape[1], rows.stride(1)], self.slots)
 
     def _write(self, x: torch.Tensor, cache: _ConvCache, nl: int) -> np.ndarray:
         dst = cache.rows[:, -1, cache.left:]
-        return _op(_ROW_WRITE, [x, x.stride(0), x.stride(1), dst, dst.stride(0), dst.stride(1),
+        return pack_op(_ROW_WRITE, [x, x.stride(0), x.stride(1), dst, dst.stride(0), dst.stride(1),
                                 x.shape[0], cache.width, x.shape[2], nl], self.slots)
 
     def _row_conv(self, src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, *,
@@ -181,7 +181,7 @@ class _RowOps:
             raise ValueError("the engine's row convolutions read and write contiguous channels")
         bias = self._kept(bias.expand(batch, -1))  # per image or broadcast (stride 0), channels contiguous
         x, skip_weight = (None, None) if skip is None else (skip[0], self._kept(skip[1].weight.t().contiguous()))
-        return _op(_ROW_CONV, [
+        return pack_op(_ROW_CONV, [
             src, src.stride(0), src.stride(1), src.stride(2), src.shape[1], src.shape[3], kw, stride, src.shape[2],
             self._kept(weight.contiguous()), bias, bias.stride(0),
             x, *((x.stride(0), x.stride(1), x.shape[2]) if x is not None else (0, 0, 0)), self.nl, skip_weight,
