@@ -72,16 +72,20 @@ def test_masks_3x3_and_7x7_grey(kind, centre):
     assert torch.equal(full_kernel(seven, 0, 0), expected)
 
 
+RGB_PICTURES = {3: "111 1{}0 000", 7: "1111111 1111111 1111111 111{}000 0000000 0000000 0000000"}
+
+
 @pytest.mark.parametrize("kind", ["A", "B"])
-def test_rgb_masks_order_the_colours_at_the_centre_only(kind):
+@pytest.mark.parametrize("ksize", [3, 7])
+def test_rgb_masks_order_the_colours_at_the_centre_only(kind, ksize):
     """Features split in three groups (R, G, B): at the centre, output group g reads groups
     before g (A) or up to g (B); everywhere before the centre it reads them all."""
-    conv = MaskedConv2d(groups(6, 3), groups(9, 3), (2, 3), 1, kind)  # 2 features per colour in, 3 out
+    conv = MaskedConv2d(groups(6, 3), groups(9, 3), (ksize // 2 + 1, ksize), ksize // 2, kind)  # 2 per colour in, 3 out
     reads = {"A": ["000", "100", "110"], "B": ["100", "110", "111"]}[kind]
     for out_channel, in_channel in itertools.product(range(9), range(6)):
         g_out, g_in = out_channel // 3, in_channel // 2
         centre = reads[g_out][g_in]
-        assert torch.equal(full_kernel(conv, out_channel, in_channel), picture(f"111 1{centre}0 000"))
+        assert torch.equal(full_kernel(conv, out_channel, in_channel), picture(RGB_PICTURES[ksize].format(centre)))
 
 
 def test_image_channels_are_one_group_each():
