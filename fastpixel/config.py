@@ -116,6 +116,11 @@ class ModelConfig(JsonConfig):
         return num_params(self.channels, self.nr_logistic_mix)
 
     @property
+    def categorical_inputs(self) -> bool:
+        """PixelCNN++ always reads images (the masked families may read maps of codes)."""
+        return False
+
+    @property
     def noise_channels(self) -> int:
         """Uniforms per pixel a sampler consumes: one per component (to choose it), one per channel."""
         return self.nr_logistic_mix + self.channels

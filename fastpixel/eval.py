@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         labels = labels[:args.max_images]
     expected = (model.config.channels, *model.config.shape)
-    if (images.dtype == torch.int64) != bool(getattr(model.config, "categorical_inputs", False)):
+    if (images.dtype == torch.int64) != model.config.categorical_inputs:
         raise ValueError(f"the model takes {'maps of codes' if images.dtype != torch.int64 else 'images'}, "
                          f"{args.data_set} holds {'maps of codes' if images.dtype == torch.int64 else 'images'}")
     if tuple(images.shape[1:]) != expected:

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import categorical
 from .config import JsonConfig, check_flags, check_num_classes, image_size, is_int
+from .model import check_labels
 
 
 @dataclass
@@ -144,9 +145,6 @@ class InputFeatures(nn.Module):
             return categorical.scaled(level, self.config.color_levels, dtype)
         return self.embedding(level[:, 0]).permute(0, 3, 1, 2)
 
-    def groups(self) -> torch.Tensor:
-        return groups(self.config.input_channels, self.config.channels)
-
 
 class MaskedFamily(nn.Module):
     """What both masked families share: the input features, the output layers (ReLU - 1x1 -
@@ -215,7 +213,6 @@ class MaskedFamily(nn.Module):
 
     def check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Raise ValueError saying what was expected when x or labels do not fit this model."""
-        from .model import check_labels
         cfg = self.config
         height, width = cfg.shape
         if cfg.categorical_inputs:

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
 
 
 def _codes(model) -> bool:
-    return getattr(model.config, "categorical_inputs", False)
+    return model.config.categorical_inputs
 
 
 def _requested_backend(args: argparse.Namespace) -> str | None:

@@ -50,7 +50,7 @@ def check_fits(config, n: int, batch_size: int, copies: int = 1) -> None:
 
 
 def _bytes_per_value(config) -> int:
-    return 8 if getattr(config, "categorical_inputs", False) else 1  # int64 codes, else uint8 images
+    return 8 if config.categorical_inputs else 1  # int64 codes, else uint8 images
 
 
 def _available_memory() -> int:
@@ -99,7 +99,7 @@ def sample(model, n: int, fast: bool = False, seed: int | None = None,
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
 
-    codes = getattr(config, "categorical_inputs", False)
+    codes = config.categorical_inputs
     images = torch.empty((n, config.channels, *config.shape), dtype=torch.int64 if codes else torch.uint8)
     height = config.shape[0]
     with _eval_mode(model), torch.no_grad(), tqdm(total=-(-n // batch_size) * height, unit="row",
@@ -166,7 +166,7 @@ def _naive_rows(model, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator
                 x[here] = mixture.sample(params, noise=noise[here], channels=x.shape[1])
                 continue
             for channel in range(model.substeps):
-                logits = model(x[:, 0] if model.config.categorical_inputs else x, labels)[..., r:r + 1, c:c + 1]
+                logits = model(x, labels)[..., r:r + 1, c:c + 1]
                 x[here] = model.draw(logits, noise[here], x[here], channel)
         yield r
 
@@ -223,7 +223,7 @@ def nll_sum(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = model.config
-    codes = getattr(config, "categorical_inputs", False)
+    codes = config.categorical_inputs
     if codes:
         if images.dim() == 4 and images.shape[1] == 1:  # (N, 1, H, W), as the codes data set holds them
             images = images[:, 0]

@@ -646,7 +646,7 @@ def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog
         return
     log.append(step=trainer.step, epoch=trainer.epoch - 1, test_bpd=test_bpd, train_bpd=train_bpd)
     print(f"epoch {trainer.epoch - 1}: test bits/dim {test_bpd:.4f} (EMA weights)")
-    if args.num_samples and not getattr(config, "categorical_inputs", False):
+    if args.num_samples and not config.categorical_inputs:
         images = sample(trainer.ema, args.num_samples, fast=True, seed=0)
         save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png")
     plot_curves(log.records(), save_dir / "curves.png")
