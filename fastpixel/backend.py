@@ -14,8 +14,11 @@
   families' pixels (`fastpixel/cext_masked.py`; benchmarks/results/masked_cpu.md), which
   have no Triton kernels: `fastpixel.sampling.resolve_backend` refuses `triton` for them.
 
-The mixture loss (`mixture.nll`, `mixture.focal_nll`) has two of them, chosen by
-`choose_loss`: `triton` (kernels/mixture_nll.py) for CUDA tensors, `torch` elsewhere.
+Training has two of them. The mixture loss (`mixture.nll`, `mixture.focal_nll`), chosen by
+`choose_loss`: `triton` (kernels/mixture_nll.py) for CUDA tensors, `torch` elsewhere. The
+shifted convolutions and gated blocks of PixelCNN++ (`fastpixel/layers.py`), chosen by
+`choose_conv`: `torch` (cuDNN) unless `triton` (kernels/shifted_conv.py) is forced, until
+the fused kernels are timed against cuDNN on a GPU.
 
 `FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
@@ -86,14 +89,27 @@ def choose_loss(device: torch.device | str, requested: str | None = None) -> str
     forces one as `choose` does; the C++ engine has no loss, so $FASTPIXEL_BACKEND=cext (which
     picks the sampler's engine) leaves the loss to PyTorch, and requesting "cext" is an error.
     Automatically: Triton for CUDA tensors when it imports, PyTorch on every other device."""
+    return _choose_training(device, requested, "mixture loss", automatic_triton=True)
+
+
+def choose_conv(device: torch.device | str, requested: str | None = None) -> str:
+    """Who runs PixelCNN++'s shifted convolutions and gated blocks in a forward pass
+    (`fastpixel.layers`): "triton" (kernels/shifted_conv.py, forward and backward fused) or
+    "torch" (cuDNN on a GPU). Forced as `choose_loss`; automatically PyTorch everywhere, because
+    the fused convolutions have not yet been timed against cuDNN on a GPU."""
+    return _choose_training(device, requested, "training convolutions", automatic_triton=False)
+
+
+def _choose_training(device: torch.device | str, requested: str | None, what: str, automatic_triton: bool) -> str:
     device = torch.device(device)
     if requested == "cext":
-        raise BackendError("backend 'cext': the C++ engine has no mixture loss; choose torch or triton")
+        raise BackendError(f"backend 'cext': the C++ engine has no {what}; choose torch or triton")
     name = requested or os.environ.get(ENV_VAR) or None
     if name == "cext":
         return "torch"
     if name is None:
-        return "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "torch"
+        triton_runs = automatic_triton and device.type == "cuda" and why_unavailable("triton", device) is None
+        return "triton" if triton_runs else "torch"
     return choose(device, requested)
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import choose_conv
+
 
 # --------------------------------------------------------------------------- nonlinearities
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,12 @@ class ShiftedConv2d(_WeightNormed):
     def linear(self, x, weight):
         return F.conv2d(F.pad(x, self.padding), weight, stride=self.stride)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = None if self._initializing else _fused_convs(x)
+        if fused is None:
+            return super().forward(x)
+        return fused.conv(x, self.weight(), self.b, self.padding, self.stride)
+
 
 class ShiftedConvTranspose2d(_WeightNormed):
     """A stride-2 transposed convolution, cropped so that it doubles the resolution while
@@ -135,6 +143,14 @@ class ShiftedConvTranspose2d(_WeightNormed):
         height, width = 2 * x.shape[2], 2 * x.shape[3]
         left = (kw - 1) // 2 if self.shift == "down" else 0
         return out[:, :, :height, left:left + width]
+
+
+def _fused_convs(x: torch.Tensor):
+    """kernels/shifted_conv.py where fastpixel.backend.choose_conv picks Triton, else None."""
+    if choose_conv(x.device) != "triton":
+        return None
+    from .kernels import shifted_conv  # imports Triton: only when it runs
+    return shifted_conv
 
 
 @contextlib.contextmanager
@@ -160,7 +176,7 @@ class GatedResnet(nn.Module):
                  dropout: float, skip_channels: int = 0, num_classes: int | None = None):
         super().__init__()
         factor = self.channel_factor = CHANNEL_FACTOR[nonlinearity]
-        self.nonlinearity = NONLINEARITY[nonlinearity]
+        self.nonlinearity, self.nonlinearity_name = NONLINEARITY[nonlinearity], nonlinearity
         self.conv_in = ShiftedConv2d(factor * channels, channels, kernel_size, shift)
         self.skip = Nin(factor * skip_channels, channels) if skip_channels else None
         self.dropout = nn.Dropout(dropout)
@@ -175,6 +191,11 @@ class GatedResnet(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        # The fused kernels (two launches) apply no dropout: with dropout on, PyTorch runs the block.
+        dropping = self.training and self.dropout.p > 0
+        fused = None if self.conv_in._initializing or dropping else _fused_convs(x)
+        if fused is not None:
+            return self._fused_forward(fused, x, skip, labels)
         c = self.conv_in(self.nonlinearity(x))
         if self.skip is not None:
             c = c + self.skip(self.nonlinearity(skip))
@@ -183,6 +204,15 @@ class GatedResnet(nn.Module):
             c = c + self.class_bias(labels)[:, :, None, None]
         a, b = c.chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
+
+    def _fused_forward(self, fused, x, skip, labels):
+        nl, bias, skip_input = self.nonlinearity_name, self.conv_in.b, None
+        if self.skip is not None:
+            bias = bias + self.skip.b
+            skip_input = (skip, self.skip.weight().flatten(1), nl)
+        c = fused.conv(x, self.conv_in.weight(), bias, self.conv_in.padding, 1, nl, skip_input)
+        class_bias = None if self.class_bias is None else self.class_bias(labels)
+        return fused.gated_conv(c, self.conv_out.weight(), self.conv_out.b, self.conv_out.padding, x, nl, class_bias)
 
 
 class CausalNonLocal(nn.Module):

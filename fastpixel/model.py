@@ -155,5 +155,5 @@ def check_labels(config: ModelConfig, labels, batch: int) -> None:
         raise ValueError("labels must be an integer tensor of shape (batch,)")
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if batch and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
+    if batch and not labels.is_meta and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
         raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got values from {int(labels.min())} to {int(labels.max())}")

@@ -9,9 +9,12 @@ here. The cached sampler's per-pixel work (`fastpixel/fused_step.py`) is made of
 - `column_copy`: a column of channels moved between buffers at the current pixel;
 - `mixture_sample`: a pixel drawn from the discretised logistic mixture.
 
-Training's loss has its own: `mixture_nll`, the mixture's negative log-likelihood (and its
-focal form) with its gradient, registered as a `torch.library.custom_op`, which
-`fastpixel.mixture.nll` and `focal_nll` call where `fastpixel.backend.choose_loss` says.
+Training has its own, each registered as a `torch.library.custom_op` with its gradient:
+`mixture_nll`, the mixture's negative log-likelihood (and its focal form), which
+`fastpixel.mixture.nll` and `focal_nll` call where `fastpixel.backend.choose_loss` says; and
+`shifted_conv`, PixelCNN++'s shifted convolutions with the nonlinearity before them and the
+bias, skip input, class bias and gated residual after them fused, which `fastpixel.layers`
+calls where `fastpixel.backend.choose_conv` says.
 
 What each computes on which tensors is an op bound once (`ops.py`: ColumnConv, ColumnCopy,
 SamplePixel) that reads the pixel's position from a device tensor, so a CUDA graph can

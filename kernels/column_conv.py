@@ -78,14 +78,18 @@ def _nl(v, NL: tl.constexpr):
 
 
 @triton.jit
-def _fresh_column(ptr, stride_b, offs_b, mask_b, ch, mask_ch, X_RAW, NL: tl.constexpr, ACC: tl.constexpr):
-    """nl(x)[b, ch] for a block of batch rows and nl-channels (concat_elu: ch >= X_RAW reads -x)."""
+def _nl_source(ch, X_RAW, NL: tl.constexpr):
+    """Which raw channel nl-channel ch reads, and whether negated (concat_elu: ch >= X_RAW reads -x)."""
     if NL == 3:
         negative = ch >= X_RAW
-        raw = tl.where(negative, ch - X_RAW, ch)
-    else:
-        negative = ch < 0
-        raw = ch
+        return tl.where(negative, ch - X_RAW, ch), negative
+    return ch, ch < 0
+
+
+@triton.jit
+def _fresh_column(ptr, stride_b, offs_b, mask_b, ch, mask_ch, X_RAW, NL: tl.constexpr, ACC: tl.constexpr):
+    """nl(x)[b, ch] for a block of batch rows and nl-channels (concat_elu: ch >= X_RAW reads -x)."""
+    raw, negative = _nl_source(ch, X_RAW, NL)
     v = tl.load(ptr + offs_b[:, None] * stride_b + raw[None, :], mask=mask_b[:, None] & mask_ch[None, :], other=0.0)
     v = v.to(ACC)
     return _nl(tl.where(negative[None, :], -v, v), NL)
