@@ -225,3 +225,15 @@ def test_existing_run_is_not_overwritten_without_resume(mnist_dir, tmp_path):
     again = run_train(*args)
     assert again.returncode == 2 and "pass --resume" in again.stderr
     shutil.rmtree(tmp_path / "run")
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_float32(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "16", "--num_samples", "0",
+              "--max_steps", "2", "--log_every", "1"]
+    losses = {}
+    for amp in ("none", "bf16"):
+        assert train_module.main(common + ["--save_dir", str(tmp_path / amp), "--amp", amp]) == 0
+        losses[amp] = train_losses(tmp_path / amp)
+    assert sorted(losses["bf16"]) == [1, 2]
+    for step, bits in losses["none"].items():
+        assert losses["bf16"][step] != bits and losses["bf16"][step] == pytest.approx(bits, abs=0.05), step
