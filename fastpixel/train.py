@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -211,15 +212,18 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval()
 
     def start_from(self, path: str) -> None:
-        """Model and EMA from a saved model of the same configuration (a warm start)."""
+        """Model and EMA from a saved model of the same configuration (a warm start), or of the
+        same one without classes for a class-conditional run: the per-class biases start fresh."""
         try:
             saved = load(path, family=self.args.model)
         except (OSError, ValueError) as err:
             raise UsageError(f"--init_from: {err}") from None
-        if saved.config != self.model.config:
+        config = self.model.config
+        adds_classes = saved.config.num_classes is None and dataclasses.replace(saved.config, num_classes=config.num_classes) == config
+        if saved.config != config and not adds_classes:
             raise UsageError(f"--init_from: {path} has configuration {saved.config.to_json()}, "
-                             f"this run needs {self.model.config.to_json()}")
-        self.model.load_state_dict(saved.state_dict())
+                             f"this run needs {config.to_json()} (or the same without num_classes)")
+        self.model.load_state_dict(saved.state_dict(), strict=not adds_classes)
         self.ema = copy.deepcopy(self.model).eval()
 
     @torch.no_grad()

@@ -154,6 +154,25 @@ def test_init_from_warm_starts_from_saved_weights(mnist_dir, tmp_path):
     assert train_module.main(wrong) == 2
 
 
+def test_init_from_an_unconditional_model_starts_a_class_conditional_run(mnist_dir, tmp_path, capsys):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "16", "--num_samples", "0",
+              "--max_steps", "1"]
+    assert train_module.main(common + ["--save_dir", str(tmp_path / "plain")]) == 0
+    conditional = common + ["--class_conditional", "--init_from", str(tmp_path / "plain")]
+    trainer = train_module.train(train_module.parse_args(conditional + ["--save_dir", str(tmp_path / "labels")]),
+                                 train_module.Processes(0, 1, torch.device("cpu")))
+    plain, labelled = fastpixel.load(tmp_path / "plain").state_dict(), trainer.model.state_dict()
+    assert trainer.model.config.num_classes == 10
+    added = set(labelled) - set(plain)
+    assert added and all("class_bias" in name for name in added)
+    for name, weight in plain.items():  # one Adam step from the saved weights
+        assert (weight - labelled[name]).abs().max() <= 1.1e-3, name
+    # the other way round would drop what the labels learned: refused
+    back = common + ["--save_dir", str(tmp_path / "back"), "--init_from", str(tmp_path / "labels")]
+    assert train_module.main(back) == 2
+    assert "or the same without num_classes" in capsys.readouterr().err
+
+
 def test_ema_follows_polyak_averaging_after_a_warm_up(mnist_dir, tmp_path):
     args = train_module.parse_args(["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--polyak_decay", "0.9"])
     procs = train_module.Processes(0, 1, torch.device("cpu"))
