@@ -111,7 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from these weights (a model file, save_dir or bundled name) instead of a fresh "
                         "data-dependent initialisation; the optimiser starts afresh")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast: bf16 activations, float32 weights, loss and sums (on a CPU without AMX, slower than float32)")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16 autocast: bf16 activations, float32 weights, loss and sums (on a CPU without AMX, slower "
+                        "than float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward pass: minutes of compiling at the start of every run "
+                        "and resume, then faster steps (15%% on this project's 2-core CPU)")
     p.add_argument("--num_samples", type=int, default=16, help="images in each epoch's sample grid (0: none)")
     p.add_argument("--eval_batch_size", type=int, default=100)
     p.add_argument("--max_test_images", type=int, default=None, help="evaluate on at most this many test images")
@@ -474,6 +479,8 @@ def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Traine
     if procs.world > 1:
         device_ids = [procs.device.index] if procs.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if args.compile:  # the training forward alone: checkpoints, the EMA and evaluation use the plain modules
+        net = torch.compile(net)
     # A signal ends the run after the current step or evaluation batch, with a checkpoint
     # (all processes agree when).
     stop_signal = []

@@ -255,3 +255,15 @@ def test_bf16_autocast_trains_on_the_cpu_close_to_float32(mnist_dir, tmp_path):
     assert sorted(losses["bf16"]) == [1, 2]
     for step, bits in losses["none"].items():
         assert losses["bf16"][step] != bits and losses["bf16"][step] == pytest.approx(bits, abs=0.05), step
+
+
+def test_compiled_training_gives_the_losses_of_eager_training(mnist_dir, tmp_path):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "16", "--num_samples", "0",
+              "--max_steps", "2", "--log_every", "1", "--dropout_p", "0"]  # compiled dropout draws other masks
+    losses = {}
+    for mode in ("eager", "compiled"):
+        assert train_module.main(common + ["--save_dir", str(tmp_path / mode)] + (["--compile"] if mode == "compiled" else [])) == 0
+        losses[mode] = train_losses(tmp_path / mode)
+    assert sorted(losses["compiled"]) == [1, 2]
+    for step, bits in losses["eager"].items():
+        assert losses["compiled"][step] == pytest.approx(bits, rel=1e-4), step
