@@ -18,6 +18,10 @@ the input gradient (the transposed convolution, with the nonlinearity's derivati
 as it is stored: concat_elu's two halves meet in one program), and the weight gradient
 (recomputing nl(x) instead of keeping it). Bias gradients are PyTorch sums.
 
+Every program reads whole weight tiles, so the launchers pass weights tap-major, (KH, KW,
+in, out) or (KH, KW, out, in), with the tile's wide axis contiguous: in PyTorch's
+(out, in, KH, KW) order each value of a tile sits in a different 32-byte sector.
+
 Padding is (left, right, top, bottom) as `fastpixel.layers.ShiftedConv2d.padding`; the
 output has (H + top - KH) // stride + 1 rows. Tensors are NCHW and contiguous. float32
 products use TF32 where PyTorch's own convolutions would (torch.backends.cudnn.allow_tf32);
@@ -101,8 +105,8 @@ def _tile(M, N, HEIGHT, WIDTH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _conv_kernel(
-    # pointers: x (B, C, H, W); weight (N_OUT, CIN, KH, KW); bias (N_OUT,); skip (B, S, HO, WO) and its
-    # weight (N, SIN); class bias (B, N_OUT); residual (B, N, HO, WO); out (B, N, HO, WO); pre-gate (B, 2N, HO, WO)
+    # pointers: x (B, C, H, W); weight (KH, KW, CIN, N_OUT); bias (N_OUT,); skip (B, S, HO, WO) and its
+    # weight (SIN, N); class bias (B, N_OUT); residual (B, N, HO, WO); out (B, N, HO, WO); pre-gate (B, 2N, HO, WO)
     x_ptr, w_ptr, bias_ptr, s_ptr, sw_ptr, cb_ptr, r_ptr, out_ptr, pre_ptr,
     # sizes: N is the output's channels (a gated conv computes 2N before the gate)
     C, H, W, HO, WO, N, S, M, PAD_T, PAD_L,
@@ -124,12 +128,12 @@ def _conv_kernel(
                 k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = k < cin
                 v = _nl_tile(x_ptr, image * C * H * W, p * W + q, at_ok, k, k_ok, C, H * W, NL, COMPUTE).to(DOT)
-                w_at = w_ptr + n[None, :] * (cin * KH * KW) + k[:, None] * (KH * KW) + (dy * KW + dx)
+                w_at = w_ptr + ((dy * KW + dx) * cin + k[:, None]) * n_out + n[None, :]
                 w_ok = k_ok[:, None] & n_ok[None, :]
                 acc_a += tl.dot(v, tl.load(w_at, mask=w_ok, other=0.0).to(DOT), input_precision=PRECISION,
                                 out_dtype=COMPUTE)
                 if GATE:
-                    w = tl.load(w_at + N * (cin * KH * KW), mask=w_ok, other=0.0).to(DOT)
+                    w = tl.load(w_at + N, mask=w_ok, other=0.0).to(DOT)
                     acc_b += tl.dot(v, w, input_precision=PRECISION, out_dtype=COMPUTE)
     if HAS_SKIP:  # + nl(skip) @ skip weight^T at the output pixel: a 1x1 layer in the same accumulator
         sin = 2 * S if SKIP_NL == 3 else S
@@ -137,7 +141,7 @@ def _conv_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < sin
             v = _nl_tile(s_ptr, image * S * HO * WO, i * WO + j, m_ok, k, k_ok, S, HO * WO, SKIP_NL, COMPUTE).to(DOT)
-            w = tl.load(sw_ptr + n[None, :] * sin + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(sw_ptr + k[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc_a += tl.dot(v, w.to(DOT), input_precision=PRECISION, out_dtype=COMPUTE)
     ok = m_ok[:, None] & n_ok[None, :]
     acc_a += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(COMPUTE)[None, :]
@@ -174,7 +178,7 @@ def _gate_backward_kernel(
 
 @triton.jit
 def _conv_input_grad_kernel(
-    # pointers: d pre-activation output (B, N_OUT, HO, WO); weight (N_OUT, CIN, KH, KW); x (B, C, H, W); d x
+    # pointers: d pre-activation output (B, N_OUT, HO, WO); weight (KH, KW, N_OUT, CIN); x (B, C, H, W); d x
     dy_ptr, w_ptr, x_ptr, dx_ptr,
     C, H, W, HO, WO, N_OUT, M, PAD_T, PAD_L,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, NL: tl.constexpr,
@@ -197,12 +201,12 @@ def _conv_input_grad_kernel(
                 k_ok = k < N_OUT
                 g = tl.load(dy_ptr + image[:, None] * (N_OUT * HO * WO) + k[None, :] * (HO * WO) + (i * WO + j)[:, None],
                             mask=at_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)
-                w_at = w_ptr + k[:, None] * (cin * KH * KW) + c[None, :] * (KH * KW) + (dy * KW + dx)
+                w_at = w_ptr + ((dy * KW + dx) * N_OUT + k[:, None]) * cin + c[None, :]
                 w_ok = k_ok[:, None] & c_ok[None, :]
                 acc_pos += tl.dot(g, tl.load(w_at, mask=w_ok, other=0.0).to(DOT), input_precision=PRECISION,
                                   out_dtype=COMPUTE)
                 if NL == 3:
-                    w = tl.load(w_at + C * (KH * KW), mask=w_ok, other=0.0).to(DOT)
+                    w = tl.load(w_at + C, mask=w_ok, other=0.0).to(DOT)
                     acc_neg += tl.dot(g, w, input_precision=PRECISION, out_dtype=COMPUTE)
     ok = m_ok[:, None] & c_ok[None, :]
     at = image[:, None] * (C * H * W) + c[None, :] * (H * W) + (p * W + q)[:, None]
@@ -300,7 +304,9 @@ class ConvOp(Op):
                 check(skip is None, "a gated conv takes no skip input (give it to the conv before)")
                 check(residual.shape == out.shape and pre is not None and pre.shape == (batch, n_out, ho, wo),
                       "a gated conv needs a residual like out and a (B, 2N, HO, WO) pre-gate buffer")
-            args = (x, weight, bias, s, s_weight, out if class_bias is None else class_bias,
+            # weights tap-major with the tile's wide axis contiguous: (KH, KW, CIN, N_OUT), skip (SIN, N)
+            args = (x, weight.permute(2, 3, 1, 0).contiguous(), bias, s, s_weight.t().contiguous() if skip is not None else out,
+                    out if class_bias is None else class_bias,
                     out if residual is None else residual, out, out if pre is None else pre,
                     *sizes, n, s.shape[1], batch * ho * wo, padding[2], padding[0])
             constexprs |= dict(HAS_SKIP=skip is not None, SKIP_NL=NONLINEARITIES.index(s_nl),
@@ -310,7 +316,8 @@ class ConvOp(Op):
             check(grad is not None and grad.shape == (batch, n_out, ho, wo), f"grad must be ({batch}, {n_out}, {ho}, {wo})")
             if kind == "input_grad":
                 check(out.shape == x.shape, "out must be shaped like x")
-                args = (grad, weight, x, out, *sizes, n_out, batch * height * width, padding[2], padding[0])
+                args = (grad, weight.permute(2, 3, 0, 1).contiguous(), x, out, *sizes, n_out, batch * height * width,
+                        padding[2], padding[0])  # weight as (KH, KW, N_OUT, CIN): the tile's wide axis contiguous
                 self.rows, self.columns = batch * height * width, c
             else:
                 check(kind == "weight_grad" and out.shape == weight.shape, "out must be shaped like weight")
