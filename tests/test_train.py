@@ -257,6 +257,7 @@ def test_bf16_autocast_trains_on_the_cpu_close_to_float32(mnist_dir, tmp_path):
         assert losses["bf16"][step] != bits and losses["bf16"][step] == pytest.approx(bits, abs=0.05), step
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script_method, inside inductor
 def test_compiled_training_gives_the_losses_of_eager_training(mnist_dir, tmp_path):
     common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "16", "--num_samples", "0",
               "--max_steps", "2", "--log_every", "1", "--dropout_p", "0"]  # compiled dropout draws other masks
