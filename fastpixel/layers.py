@@ -4,6 +4,10 @@ residual block and the causally masked non-local block.
 Every convolution is *shifted*: padded only above (and, for the down-right kind, only to
 the left) so that an output never sees its own position or anything after it. The model
 adds the final one-row / one-column shift that makes the dependence strict.
+
+In a forward pass `ShiftedConv2d` and `GatedResnet` ask `fastpixel.backend.choose_conv` who
+runs them: PyTorch (cuDNN) by default, or the fused Triton kernels of kernels/shifted_conv.py
+(a gated block in two launches, forward and backward); nothing else here depends on which.
 """
 from __future__ import annotations
 
