@@ -26,6 +26,15 @@ def make_grid(images: torch.Tensor | np.ndarray, columns: int | None = None, pad
     return grid[:, :, 0] if channels == 1 else grid
 
 
+MAX_CLASS_COLUMNS = 20  # more classes than this (ImageNet's 1000) get the nearly square grid
+
+
+def class_columns(n: int, num_classes: int | None) -> int | None:
+    """One column per class for images whose labels cycle 0, 1, ..., so each column shows one class;
+    None (nearly square) for unconditional models, or when the classes do not fit a row."""
+    return num_classes if num_classes and num_classes <= min(n, MAX_CLASS_COLUMNS) else None
+
+
 def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, columns: int | None = None) -> Path:
     """Write the images as one PNG grid, atomically."""
     path = Path(path)

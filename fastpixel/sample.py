@@ -28,7 +28,7 @@ from . import sampling
 from .backend import NAMES
 from .checkpoint import load, write_atomically
 from .families import family_of
-from .grid import save_grid
+from .grid import class_columns, save_grid
 from .usage import UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.sample"
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
     seconds = time.perf_counter() - start
     written = args.npy if _codes(model) else args.out
     if not _codes(model):
-        save_grid(images, args.out)
+        cycled = args.label is None  # the default labels cycle through the classes
+        save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None)
     if args.npy is not None:
         write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
     processes = f", {world} processes" if world > 1 else ""

@@ -51,7 +51,7 @@ from .config import NONLINEARITIES, ModelConfig
 from .data import DATASETS, DataError, load_dataset
 from .families import NAMES as FAMILY_NAMES
 from .families import family_named
-from .grid import save_grid
+from .grid import class_columns, save_grid
 from .integrity import load_sealed, sealed
 from .usage import UsageError, check_writable, interrupts_raise, report
 from .model import PixelCNNpp
@@ -657,7 +657,8 @@ def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog
     print(f"epoch {trainer.epoch - 1}: test bits/dim {test_bpd:.4f} (EMA weights)")
     if args.num_samples and not config.categorical_inputs:
         images = sample(trainer.ema, args.num_samples, fast=True, seed=0)
-        save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png")
+        save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png",
+                  class_columns(args.num_samples, config.num_classes))
     plot_curves(log.records(), save_dir / "curves.png")
     if trainer.epoch % args.save_interval == 0:
         trainer.save(save_dir)

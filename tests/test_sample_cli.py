@@ -49,6 +49,15 @@ def test_label_draws_that_class(checkpoint, tmp_path):
     assert np.array_equal(np.load(tmp_path / "a.npy"), expected.numpy())
 
 
+def test_default_labels_put_one_class_per_grid_column(checkpoint, tmp_path):
+    """The fixture has 3 classes: 4 images cycle 0, 1, 2, 0 in 3 columns; with --label they tile 2 x 2."""
+    cycled = run_cli("--fast", "--checkpoint", checkpoint, "-n", 4, "--out", "cycled.png", cwd=tmp_path)
+    one_label = run_cli("--fast", "--checkpoint", checkpoint, "-n", 4, "--label", 1, "--out", "one.png", cwd=tmp_path)
+    assert cycled.returncode == 0 and one_label.returncode == 0, cycled.stderr + one_label.stderr
+    assert Image.open(tmp_path / "cycled.png").size == (3 * 14 + 2, 2 * 10 + 2)
+    assert Image.open(tmp_path / "one.png").size == (2 * 14 + 2, 2 * 10 + 2)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "missing.safetensors"], "no fastpixel model file at missing.safetensors"),
     (["--checkpoint", "corrupt.safetensors"], "not a readable safetensors file"),
