@@ -1,6 +1,10 @@
+import gzip
 import math
 import os
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +102,38 @@ def on_an_edge(params, uniforms, earlier, channel, channels) -> bool:
     y = mean + float(log_scales[0, channel, k].exp() * (torch.log(u) - torch.log1p(-u)))
     grid = (y + 1) * 127.5  # bin edges are at half-integers
     return abs(grid - math.floor(grid) - 0.5) < 0.05
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file holding a uint8 array: (n,) labels or (n, rows, cols) images."""
+    magic = 2051 if array.ndim == 3 else 2049
+    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_idx(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = True) -> list[Path]:
+    """The split's two IDX files in folder, gzipped or not; returns [images file, labels file]."""
+    prefix = "train" if split == "train" else "t10k"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        raw = idx_bytes(array)
+        path = folder / (name + ".gz" if gz else name)
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        paths.append(path)
+    return paths
+
+
+def write_random_mnist(folder: Path, train: int, test: int, seed: int = 0, blobs: bool = False) -> Path:
+    """An MNIST-format folder of random 28x28 images (sparse blobs, like digits' dark backgrounds, or
+    uniform noise) with labels 0..9."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        images = (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8) if blobs else rng.integers(0, 256, (n, 28, 28))
+        write_idx(folder, split, images, rng.integers(0, 10, n))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory) -> Path:
+    """64 training and 20 test images in MNIST's IDX format: random blobs, labels 0..9."""
+    return write_random_mnist(tmp_path_factory.mktemp("mnist"), 64, 20, blobs=True)

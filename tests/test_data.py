@@ -7,7 +7,6 @@ import io
 import os
 import pickle
 import re
-import struct
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from fastpixel import data
 from fastpixel.data import DATASETS, DataError, load_dataset
+from tests.conftest import idx_bytes, write_idx
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_FETCH = data._fetch  # kept before the autouse fixture replaces it
@@ -44,25 +44,6 @@ def files_under(folder: Path) -> list[Path]:
 
 
 # MNIST and Fashion-MNIST
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An IDX file holding a uint8 array: (n,) labels or (n, rows, cols) images."""
-    magic = 2051 if array.ndim == 3 else 2049
-    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
-
-
-def write_idx(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = True) -> list[Path]:
-    """The split's two IDX files in folder, gzipped or not; returns [images file, labels file]."""
-    prefix = "train" if split == "train" else "t10k"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
-        raw = idx_bytes(array)
-        path = folder / (name + ".gz" if gz else name)
-        path.write_bytes(gzip.compress(raw) if gz else raw)
-        paths.append(path)
-    return paths
-
 
 @pytest.mark.parametrize("n", [3, 7])
 @pytest.mark.parametrize("gz", [True, False])

@@ -24,15 +24,10 @@ def test_bf16_sampling_gives_grid_images_and_bits_per_dim_close_to_float32():
 
 
 def test_training_with_bf16_autocast_resumes_on_cuda(tmp_path):
-    import numpy as np
-
     from fastpixel import train
-    from tests.test_train import write_idx
+    from tests.conftest import write_random_mnist
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("t10k", 8)):
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    write_random_mnist(tmp_path, 32, 8)
     args = ["--data_set", "mnist", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "run"), "--nr_resnet", "1",
             "--nr_filters", "8", "--nr_logistic_mix", "2", "--batch_size", "8", "--num_samples", "2", "--amp", "bf16",
             "--no_download", "--save_every_steps", "1"]

@@ -6,7 +6,7 @@ import torch
 
 from fastpixel import train as train_module
 from tests.conftest import DEVICE, tiny_model
-from tests.test_train import TINY, mnist_dir, train_losses  # noqa: F401 (mnist_dir is a fixture)
+from tests.test_train import TINY, train_losses
 
 shifted_conv = pytest.importorskip("fastpixel.kernels.shifted_conv")
 

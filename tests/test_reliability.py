@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -26,8 +25,8 @@ from fastpixel import eval as eval_module
 from fastpixel import train as train_module
 from fastpixel.checkpoint import CheckpointError
 from fastpixel.integrity import IntegrityError, load_sealed, sealed, tensors_digest
-from tests.conftest import tiny_model
-from tests.test_train import ROOT, TINY, metrics, mnist_dir, train_losses, write_idx  # noqa: F401  (mnist_dir: a fixture)
+from tests.conftest import tiny_model, write_random_mnist
+from tests.test_train import ROOT, TINY, metrics, train_losses
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 sample_module = importlib.import_module("fastpixel.sample")  # `from fastpixel import sample` is the function
@@ -308,12 +307,7 @@ def test_resume_survives_a_torn_metrics_line_and_refuses_other_data_or_an_incomp
     assert [r["step"] for r in metrics(save_dir)] == [2, 3, 4]
     assert not list(save_dir.glob(".*.tmp"))
     capsys.readouterr()
-    other = tmp_path / "other"
-    other.mkdir()
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 64), ("t10k", 20)):
-        write_idx(other / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
-        write_idx(other / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    other = write_random_mnist(tmp_path / "other", 64, 20, seed=1)
     assert train_module.main(train_args(other, save_dir, "--max_steps", 5, "--resume")) == 2
     assert "are not those of the run" in capsys.readouterr().err
     state = load_sealed(save_dir / "state.pt")

@@ -1,5 +1,4 @@
 """python -m fastpixel.train and python -m fastpixel.eval on tiny models and small data files."""
-import gzip
 import json
 import os
 import shutil
@@ -18,24 +17,6 @@ from fastpixel import train as train_module
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2", "--init_batch_size", "16",
         "--eval_batch_size", "50", "--num_samples", "4", "--no_download"]
-
-
-def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory) -> Path:
-    """64 training and 20 test images in MNIST's IDX format: random blobs, labels 0..9."""
-    folder = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 20)):
-        images = (rng.random((n, 28, 28)) ** 4 * 255).astype(np.uint8)
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images, 2051)
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
-    return folder
 
 
 def run_train(*args, cwd=ROOT, launcher=(sys.executable, "-m", "fastpixel.train"), **kwargs):
