@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import sampling
 from .backend import NAMES
-from .checkpoint import load, write_atomically
+from .checkpoint import bundled_models, load, write_atomically
 from .families import family_of
 from .grid import class_columns, save_grid
 from .usage import UsageError, check_writable, interrupts_raise, report
@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="use the cached sampler (same images as without, much faster)")
     parser.add_argument("--checkpoint", default="mnist",
-                        help="a bundled model's name (default: mnist), a file written by fastpixel.save, or a training save_dir")
+                        help=f"a bundled model ({', '.join(bundled_models())}; default mnist), a file written by "
+                             "fastpixel.save, or a training save_dir")
     parser.add_argument("-n", "--num-samples", type=int, default=16, help="how many images (default 16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
