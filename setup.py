@@ -3,7 +3,7 @@
 The C++ engine in csrc/ is compiled on first use (fastpixel/extension.py), not here; the
 Triton kernels in kernels/ install as the subpackage fastpixel.kernels.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 _TRITON = "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # csrc/ travels as data (fastpixel/csrc/step.cpp), for the engine's build on first use
-    packages=["fastpixel", "fastpixel.kernels", "fastpixel.csrc"],
+    packages=["fastpixel", *(f"fastpixel.{name}" for name in find_packages("fastpixel")), "fastpixel.kernels",
+              "fastpixel.csrc"],
     package_dir={"fastpixel": "fastpixel", "fastpixel.kernels": "kernels", "fastpixel.csrc": "csrc"},
     package_data={"fastpixel": ["weights/*.safetensors", "weights/README.md"], "fastpixel.csrc": ["*.cpp"]},
     install_requires=[
@@ -28,5 +29,5 @@ setup(
     ],
     # Triton runs the GPU path; CUDA builds of torch bring it, and the CPU path never imports it.
     # The tests run its kernels in its CPU interpreter.
-    extras_require={"test": ["pytest", "pytest-benchmark", _TRITON], "triton": [_TRITON]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "import-linter", _TRITON], "triton": [_TRITON]},
 )

@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastpixel  # noqa: E402
 from fastpixel import convert  # noqa: E402
-from fastpixel.layers import ShiftedConvTranspose2d  # noqa: E402
+from fastpixel.models.pixelcnnpp.layers import ShiftedConvTranspose2d  # noqa: E402
 from tests.test_convert import (SHARED_DATA, OpenAIModel, pclucas14_forward, pclucas14_state_dict,  # noqa: E402
                                 source_nll, unpack, unpack_fastpixel, write_bundle)
-from fastpixel.data import load_dataset  # noqa: E402
+from fastpixel.io.data import load_dataset  # noqa: E402
 
 
 def export(model):

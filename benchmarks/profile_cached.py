@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastpixel
 from fastpixel import sampling
-from fastpixel.cache import CachedNetwork
-from fastpixel.cext_step import CextSteps
+from fastpixel.sampling.caches.pixelcnnpp import CachedNetwork
+from fastpixel.sampling.engines.cext import CextSteps
 
 MODELS = {
     "mnist": fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=3, nr_filters=64, nr_logistic_mix=5),
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
 
 def _engine_parts(model, batch: int, runs: int = 3) -> tuple[float, float, float]:
     """(building, rows, pixel steps) seconds of a cached sampling run with the C++ engine,
-    driving the same objects as cache.sample_rows; the fastest run of `runs` by total."""
+    driving the same objects as fastpixel.sampling.engines.cached_rows; the fastest run of `runs` by total."""
     cfg = model.config
     noise = torch.stack([sampling.image_noise(cfg, 0, i) for i in range(batch)])
     labels = None if cfg.num_classes is None else torch.arange(batch) % cfg.num_classes
@@ -84,7 +84,7 @@ def _engine_parts(model, batch: int, runs: int = 3) -> tuple[float, float, float
         for _ in range(runs + 1):  # the first run builds the engine
             start = time.perf_counter()
             x = torch.zeros(batch, cfg.channels, *cfg.shape)
-            steps = CextSteps(model, CachedNetwork(model, batch, labels), x, noise)
+            steps = CextSteps(CachedNetwork(model, batch, labels), x, noise)
             built, rows, pixels = time.perf_counter() - start, 0.0, 0.0
             for r in range(cfg.shape[0]):
                 start = time.perf_counter()

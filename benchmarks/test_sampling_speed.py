@@ -18,7 +18,7 @@ import torch
 
 import fastpixel
 from fastpixel import backend
-from fastpixel.families import family_of
+from fastpixel.models.families import family_of
 from fastpixel.sampling import resolve_backend
 
 QUICK = os.environ.get("FASTPIXEL_BENCH_QUICK") == "1"

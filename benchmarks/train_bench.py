@@ -37,7 +37,7 @@ import torch
 
 import fastpixel
 from fastpixel import mixture, train
-from fastpixel.data import load_dataset
+from fastpixel.io.data import load_dataset
 
 BACKENDS = ("torch", "triton")
 CIFAR = fastpixel.ModelConfig()  # the original configuration

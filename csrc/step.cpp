@@ -1,9 +1,9 @@
-// The cached sampler's pixel step on the CPU: the ops of fastpixel/fused_step.py's step
+// The cached sampler's pixel step on the CPU: the ops of fastpixel/sampling/engines/fused.py's step
 // plan (the Triton kernels in kernels/), run in order over the same buffers; and, for the
-// masked families (PixelCNN, Gated PixelCNN), a pixel's sub-step plans (fastpixel/masked.py)
-// as products and categorical draws, packed by fastpixel/cext_masked.py.
+// masked families (PixelCNN, Gated PixelCNN), a pixel's sub-step plans (fastpixel/sampling/caches/masked.py)
+// as products and categorical draws, packed by fastpixel/sampling/engines/cext.py.
 //
-// A step is a flat array of op descriptors, packed once by fastpixel/cext_step.py from the
+// A step is a flat array of op descriptors, packed once by fastpixel/sampling/engines/cext.py from the
 // plan's bound launches: each op holds exactly the arguments its Triton kernel gets, with
 // tensors as raw addresses and strides in elements. One call of fp_run_* runs a whole step,
 // so a pixel costs one call from Python instead of hundreds of PyTorch operators.
@@ -25,7 +25,7 @@ enum Kind : int64_t {
     NONLOCAL = 7, PRODUCT = 8, CATEGORICAL_DRAW = 9
 };
 enum Nonlinearity : int64_t { IDENTITY = 0, ELU = 1, RELU = 2, CONCAT_ELU = 3 };
-constexpr int SLOTS = 40;  // int64 slots of one op descriptor (kept in step with cext_step.py)
+constexpr int SLOTS = 40;  // int64 slots of one op descriptor (kept in step with fastpixel/sampling/engines/cext.py)
 
 // One op: its kind, then its arguments in the order of the Triton kernel's signature.
 struct Op {
@@ -322,7 +322,7 @@ template <class T> void sample_pixel(const Op& op) {
 }
 
 // ---------------------------------------------------------------- the per-row work
-// fastpixel/cache.py CachedNetwork.start_row as ops (packed by fastpixel/cext_step.py):
+// CachedNetwork.start_row (fastpixel/sampling/caches/pixelcnnpp.py) as ops (packed by engines/cext.py):
 // whole rows of the u stream and the per-row terms of the ul stream, as shifts of the
 // caches' rows, writes of a fresh row, and row convolutions.
 
@@ -406,7 +406,7 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
 }
 
 // ---------------------------------------------------------------- the non-local block
-// fastpixel/fused_step.py _GraphableNonLocal (cache.py _CachedNonLocal): the key and value
+// engines/fused.py GraphableNonLocal (caches/pixelcnnpp.py CachedNonLocal): the key and value
 // of the newest position into the cache, attention over the positions reached so far.
 template <class T> void affine(const T* x, int64_t in, const T* w, const T* bias, int64_t outs, T* y) {
     for (int64_t i = 0; i < outs; ++i) y[i] = bias[i];
@@ -455,8 +455,8 @@ template <class T> void nonlocal_block(const Op& op, std::vector<T>& scratch) {
 }
 
 // ---------------------------------------------------------------- the masked families
-// fastpixel/masked.py's sub-step plan (PixelCNN, Gated PixelCNN; packed by
-// fastpixel/cext_masked.py): products of an image's values at the current column with a
+// fastpixel/sampling/caches/masked.py's sub-step plan (PixelCNN, Gated PixelCNN; packed by
+// fastpixel/sampling/engines/cext.py): products of an image's values at the current column with a
 // weight matrix, and the categorical draw. The column is the pixel position's, mod width.
 
 // An image's values at column j: `count` runs of `length` contiguous elements, `gap` apart,
@@ -536,7 +536,7 @@ template <class T> void product(const Op& op, std::vector<T>& acc, std::vector<T
     }
 }
 
-// fastpixel.categorical.draw for every image: the softmax of the N logits in float64, its
+// fastpixel.models.masked.categorical.draw for every image: the softmax of the N logits in float64, its
 // cumulative sum, the number of entries below the image's uniform (the first at or above
 // it: the sum never decreases), clamped to N - 1; e^x from fast_exp, so the sums agree with
 // PyTorch's to rounding, as a cached sampler's logits do. Then the level (int64) and its row of

@@ -1,22 +1,25 @@
-"""Which implementation runs the cached sampler's per-pixel work, and the mixture loss: the one place that decides.
+"""Which implementation runs the cached sampler's steps, and the training kernels: the one place that decides.
 
-- `torch`: plain PyTorch (`fastpixel/cache.py`), everywhere; the fallback when neither
+What each engine runs for which family is the engine registry (fastpixel/sampling/engines);
+this module says which engine can run on which device and dtype, and picks one.
+
+- `torch`: plain PyTorch (the caches' own steps, fastpixel/sampling/caches), everywhere; the fallback when neither
   engine below can run.
 - `triton`: fused Triton kernels (`kernels/`) replayed through CUDA graphs
-  (`fastpixel/fused_step.py`); the default for CUDA tensors when Triton imports. With
+  (`fastpixel/sampling/engines/fused.py`); the default for CUDA tensors when Triton imports. With
   `TRITON_INTERPRET=1` it also runs on CPU tensors, slowly: that is how it is tested
   without a GPU.
-- `cext`: the C++ engine (`csrc/`, `fastpixel/cext_step.py`) running the same step plan
+- `cext`: the C++ engine (`csrc/`, `fastpixel/sampling/engines/cext.py`) running the same step plan
   as the Triton backend, and the per-row work, on CPU tensors, float32 or float64; compiled on first use
   (`fastpixel/extension.py`). The default on the CPU, where it measured faster than `torch`
   for every model and batch timed (benchmarks/results/cpu_cext.md). Where it cannot be
   built, the automatic choice warns once and takes `torch`. It also runs the masked
-  families' pixels (`fastpixel/cext_masked.py`; benchmarks/results/masked_cpu.md), which
+  families' pixels (`EnginePixels` in `fastpixel/sampling/engines/cext.py`; benchmarks/results/cpu_masked.md), which
   have no Triton kernels: `fastpixel.sampling.resolve_backend` refuses `triton` for them.
 
 Training has two of them. The mixture loss (`mixture.nll`, `mixture.focal_nll`), chosen by
 `choose_loss`: `triton` (kernels/mixture_nll.py) for CUDA tensors, `torch` elsewhere. The
-shifted convolutions and gated blocks of PixelCNN++ (`fastpixel/layers.py`), chosen by
+shifted convolutions and gated blocks of PixelCNN++ (`fastpixel/models/pixelcnnpp/layers.py`), chosen by
 `choose_conv`: `torch` (cuDNN) unless `triton` (kernels/shifted_conv.py) is forced, until
 the fused kernels are timed against cuDNN on a GPU.
 
@@ -32,17 +35,14 @@ import warnings
 
 import torch
 
+from .kernels.ops import triton_interpreted
+
 NAMES = ("torch", "triton", "cext")
 ENV_VAR = "FASTPIXEL_BACKEND"
 
 
 class BackendError(ValueError):
     """A backend was asked for that does not exist or cannot run on this machine."""
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (read when the kernels are first imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
@@ -94,7 +94,7 @@ def choose_loss(device: torch.device | str, requested: str | None = None) -> str
 
 def choose_conv(device: torch.device | str, requested: str | None = None) -> str:
     """Who runs PixelCNN++'s shifted convolutions and gated blocks in a forward pass
-    (`fastpixel.layers`): "triton" (kernels/shifted_conv.py, forward and backward fused) or
+    (`fastpixel.models.pixelcnnpp.layers`): "triton" (kernels/shifted_conv.py, forward and backward fused) or
     "torch" (cuDNN on a GPU). Forced as `choose_loss`; automatically PyTorch everywhere, because
     the fused convolutions have not yet been timed against cuDNN on a GPU."""
     return _choose_training(device, requested, "training convolutions", automatic_triton=False)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load, write_atomically
-from .families import family_of
-from .data import DATASETS, DataError, load_dataset
+from .io.checkpoint import load, write_atomically
+from .io.data import DATASETS, DataError, load_dataset
+from .models.families import family_of
 from .sampling import bits_per_dim
 from .usage import UsageError, check_writable, interrupts_raise, report
 

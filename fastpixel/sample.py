@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 from . import sampling
 from .backend import NAMES
-from .checkpoint import bundled_models, load, write_atomically
-from .families import family_of
-from .grid import class_columns, save_grid
+from .io.checkpoint import bundled_models, load, write_atomically
+from .io.grid import class_columns, save_grid
+from .models.families import family_of
 from .usage import UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.sample"

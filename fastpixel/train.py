@@ -45,17 +45,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import mixture
-from .checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically
-from .config import NONLINEARITIES, ModelConfig
-from .data import DATASETS, DataError, load_dataset
-from .families import NAMES as FAMILY_NAMES
-from .families import family_named
-from .grid import class_columns, save_grid
-from .integrity import load_sealed, sealed
-from .usage import UsageError, check_writable, interrupts_raise, report
-from .model import PixelCNNpp
+from .io.checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically
+from .io.data import DATASETS, DataError, load_dataset
+from .io.grid import class_columns, save_grid
+from .io.integrity import load_sealed, sealed
+from .models.families import NAMES as FAMILY_NAMES
+from .models.families import family_named
+from .models.pixelcnnpp import mixture
+from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
+from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
+from .usage import UsageError, check_writable, interrupts_raise, report
 
 STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"

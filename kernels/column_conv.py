@@ -15,7 +15,7 @@ the same launches at every pixel of a row pattern.
 Layouts (channels last, so a column's channels are contiguous):
 - cache: the newest input row, (B, padded width, CIN); window column j of output column
   `col` is padded column STRIDE * col + COL_SHIFT + j (negative ones read as zeros).
-- weight: (KW * CIN, N_OUT), window-major, as `fastpixel.cache._ConvCache.newest_weight`.
+- weight: (KW * CIN, N_OUT), window-major, as `ConvCache.newest_weight` (fastpixel/sampling/caches/pixelcnnpp.py).
 - term: (B, output width, N_OUT), read at `col`; strides 0 turn it into a bias.
 - fresh input x: (B, X_RAW) raw values; nl(x) has factor * X_RAW channels (concat_elu:
   [elu(x), elu(-x)]), and is the window's last column.

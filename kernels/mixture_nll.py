@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import mixture
+from . import mixture
 from .mixture_sample import _log1p_neg, _tanh
 from .ops import Op, check
 
@@ -48,11 +48,11 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------- reference
 def reference(params: torch.Tensor, x: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
-    """What the kernels compute, summed over each image: `fastpixel.mixture.nll` (gamma None)
-    or `fastpixel.mixture.focal_nll`, in plain PyTorch. params (B, P, H, W), x (B, C, H, W) -> (B,)."""
+    """What the kernels compute, summed over each image: `mixture.nll` (gamma None)
+    or `mixture.focal_nll`, the plain-PyTorch twin (kernels/mixture.py). params (B, P, H, W), x (B, C, H, W) -> (B,)."""
     if gamma is None:
-        return mixture.nll(params, x, backend="torch")
-    return mixture.focal_nll(params, x, gamma, backend="torch")
+        return mixture.nll(params, x)
+    return mixture.focal_nll(params, x, gamma)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -287,12 +287,12 @@ class MixtureNll(Op):
               f"params must be a contiguous floating-point (B, P, H, W) tensor, got {params.dtype} "
               f"{tuple(params.shape)}")
         batch, p, height, width = params.shape
-        compute = mixture._compute_dtype(params)
+        compute = mixture.compute_dtype(params)
         check(x.shape[0] == batch and x.shape[1] in (1, 3) and x.shape[2:] == params.shape[2:] and x.dtype == compute
               and x.is_contiguous(), f"x must be contiguous {compute} (B, 1 or 3, H, W) matching params, got "
                                      f"{x.dtype} {tuple(x.shape)}")
         channels = x.shape[1]
-        nr_mix = mixture._num_mix(p, channels)
+        nr_mix = mixture.num_mix(p, channels)
         check(gamma.shape == (1,) and gamma.dtype == torch.float64, "gamma must be a float64 tensor of shape (1,)")
         if grad is None:
             check(out.shape == (batch, height, width) and out.dtype == compute and out.is_contiguous(),
@@ -324,7 +324,7 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
     `triton.compile` (tests/test_kernels_compile.py). Built on the meta device."""
     with torch.device("meta"):
         params = torch.empty(batch, config.num_params_out, *config.shape, dtype=dtype)
-        x = torch.empty(batch, config.channels, *config.shape, dtype=mixture._compute_dtype(params))
+        x = torch.empty(batch, config.channels, *config.shape, dtype=mixture.compute_dtype(params))
         gamma = torch.empty(1, dtype=torch.float64)
         loss = torch.empty(batch, *config.shape, dtype=x.dtype)
         ops = [MixtureNll(params, x, gamma, out, focal, grad)
@@ -386,8 +386,8 @@ def nll_per_pixel(params: torch.Tensor, x: torch.Tensor, gamma: float | None = N
     """The loss of every pixel, (B, H, W) in the compute dtype (float64 for float64 params,
     else float32): -log P(x) (gamma None) or the focal sum over its channels. Differentiable
     in params; params (B, P, H, W), x (B, C, H, W) on the 256-level grid in [-1, 1]."""
-    mixture._check_pair(params, x)
-    x = x.to(mixture._compute_dtype(params)).contiguous()
+    mixture.check_pair(params, x)
+    x = x.to(mixture.compute_dtype(params)).contiguous()
     return _nll_per_pixel(params.contiguous(), x, 0.0 if gamma is None else float(gamma), gamma is not None)
 
 

@@ -7,7 +7,7 @@ and a snap to the grid), each a kernel launch on a GPU, so at one pixel per step
 more than the arithmetic. Here the same draw is one launch: a program per block of batch
 rows holds all K components and C channels in registers.
 
-The draw is the library's (`reference`, below, is `fastpixel.mixture.sample` itself): the
+The draw is the library's (`reference`, below, is `mixture.sample` itself, the plain-PyTorch twin in kernels/mixture.py): the
 same uniforms, clamped and transformed in float64; the component by Gumbel-max with ties
 to the first index; each channel's coupled mean, evaluated in the same order of operations,
 plus scale times the logistic draw, snapped with round-half-to-even. The pixel index is
@@ -26,15 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import mixture
+from . import mixture
 from .ops import SamplePixel
+
 _TINY = tl.constexpr(torch.finfo(torch.float64).tiny)
 _BELOW_ONE = tl.constexpr(1.0 - 2.0 ** -53)  # used through tl.full(float64): typed float32, it would be 1
 
 
 # --------------------------------------------------------------------------- reference
 def reference(params: torch.Tensor, noise: torch.Tensor, channels: int) -> torch.Tensor:
-    """What the kernel computes: `fastpixel.mixture.sample` on one pixel per row.
+    """What the kernel computes: `mixture.sample` on one pixel per row.
     params (B, P), noise (B, K + C) -> (B, C) in the compute dtype."""
     return mixture.sample(params[:, :, None, None], noise=noise[:, :, None, None], channels=channels)[:, :, 0, 0]
 

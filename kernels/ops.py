@@ -1,26 +1,32 @@
 """The fused sampler's ops, each bound to its tensors once: what a pixel's step computes,
 on which buffers, without Triton.
 
-A pixel's step is a fixed list of these (fastpixel/fused_step.py). An op checks its
+A pixel's step is a fixed list of these (fastpixel/sampling/engines/fused.py). An op checks its
 arguments when it is made and keeps them in the order of its kernel's signature; then it
 runs either as its Triton kernel (calling it: the kernel file of its `family`, imported at
 the first launch, picks the block sizes and the grid), or, packed by
-fastpixel/cext_step.py, in the C++ engine. This module does not import Triton, so the C++
+fastpixel/sampling/engines/cext.py, in the C++ engine. This module does not import Triton, so the C++
 engine runs where Triton is not installed, without paying for its import.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 import torch
 
-from .. import mixture
+from . import mixture
 
 NONLINEARITIES = ("identity", "elu", "relu", "concat_elu")
 _TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
           torch.int32: "i32", torch.int64: "i64"}
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (read when the kernels are first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check(ok: bool, message: str) -> None:

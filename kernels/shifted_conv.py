@@ -22,7 +22,7 @@ Every program reads whole weight tiles, so the launchers pass weights tap-major,
 in, out) or (KH, KW, out, in), with the tile's wide axis contiguous: in PyTorch's
 (out, in, KH, KW) order each value of a tile sits in a different 32-byte sector.
 
-Padding is (left, right, top, bottom) as `fastpixel.layers.ShiftedConv2d.padding`; the
+Padding is (left, right, top, bottom) as `fastpixel.models.pixelcnnpp.layers.ShiftedConv2d.padding`; the
 output has (H + top - KH) // stride + 1 rows. Tensors are NCHW and contiguous. float32
 products use TF32 where PyTorch's own convolutions would (torch.backends.cudnn.allow_tf32);
 float64 and the interpreter compute exactly.
@@ -41,9 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreted
 from .column_conv import _nl, _nl_source
-from .ops import NONLINEARITIES, Op, check
+from .ops import NONLINEARITIES, Op, check, triton_interpreted
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DOT_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
@@ -368,28 +367,14 @@ def launch_config(op) -> tuple:
         dict(num_warps=4)
 
 
-def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
-    """Every distinct launch a training step of PixelCNN++ `config` at `batch` with `dtype`
-    activations makes through these kernels, as (jit function, signature, constexprs, options)
-    for `triton.compile` (tests/test_kernels_compile.py): the model runs once on the meta
-    device, and each shifted convolution and gated block says what it was given."""
-    from ..layers import GatedResnet, ShiftedConv2d
-    from ..model import PixelCNNpp
-
-    calls = []
-    with torch.device("meta"):
-        model = PixelCNNpp(config).to(dtype)
-        inside_blocks = {id(c) for m in model.modules() if isinstance(m, GatedResnet) for c in (m.conv_in, m.conv_out)}
-        layers = [m for m in model.modules() if isinstance(m, GatedResnet)
-                  or (isinstance(m, ShiftedConv2d) and id(m) not in inside_blocks)]
-        hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.append((m, args, kwargs)), with_kwargs=True)
-                 for m in layers]
-        labels = None if config.num_classes is None else torch.zeros(batch, dtype=torch.long)
-        model(torch.empty(batch, config.channels, *config.shape, dtype=dtype), labels)
-        for hook in hooks:
-            hook.remove()
-        ops = [op for module, args, kwargs in calls for op in _training_ops(module, *args, **kwargs)]
+def aot_specs(calls: list[tuple]) -> list[tuple]:
+    """Every distinct launch that the layer calls `calls` make through these kernels, forward
+    and backward, as (jit function, signature, constexprs, options) for `triton.compile`.
+    `calls` are (layer, args, kwargs) of shifted convolutions and gated blocks called on meta
+    tensors (fastpixel.models.pixelcnnpp.layers.fused_launch_specs records a training step's)."""
     specs = {}
+    with torch.device("meta"):
+        ops = [op for layer, args, kwargs in calls for op in _training_ops(layer, *args, **kwargs)]
     for op in ops:
         fn, signature, constexprs, options = op.aot_spec()
         specs.setdefault((fn.__name__, repr(sorted(constexprs.items())), repr(signature)), (fn, signature, constexprs, options))

@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastpixel
-from fastpixel import cache, mixture
+from fastpixel import mixture
+from fastpixel.sampling.engines import cached_rows
 from fastpixel.sampling import image_noise
 
 
@@ -55,7 +56,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where kernel tests pu
 
 
 def cached_run(model, n, seed, backend):
-    """Images and the parameters at every step (B, P, H, W), from cache.sample_rows."""
+    """Images and the parameters at every step (B, P, H, W), from the cached sampler run by `backend`."""
     cfg = model.config
     param = next(model.parameters())
     labels = None if cfg.num_classes is None else (torch.arange(n) % cfg.num_classes).to(param.device)
@@ -67,7 +68,7 @@ def cached_run(model, n, seed, backend):
         seen[:, :, r, c] = params
 
     with torch.no_grad():
-        for _ in cache.sample_rows(model, x, noise, labels, on_params=keep, backend=backend):
+        for _ in cached_rows(model, x, noise, labels, engine=backend, on_step=keep):
             pass
     return x, seen
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import fastpixel
-from fastpixel.checkpoint import BUNDLED, bundled_models
-from fastpixel.data import load_dataset
-from fastpixel.families import FAMILIES
+from fastpixel.io.checkpoint import BUNDLED, bundled_models
+from fastpixel.io.data import load_dataset
+from fastpixel.models.families import FAMILIES
 from fastpixel.sampling import to_model_input
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

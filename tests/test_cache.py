@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fastpixel
-from fastpixel import cache
+from fastpixel.sampling.caches.pixelcnnpp import CachedNetwork
+from fastpixel.sampling.engines import cached_rows
 from fastpixel.sampling import image_noise
 from tests.conftest import tiny_model
 
@@ -32,7 +33,7 @@ def record_cached_params(model, n, seed, labels=None):
         seen[:, :, r, c] = params
 
     with torch.no_grad():
-        for _ in cache.sample_rows(model, x, noise, labels, on_params=keep):
+        for _ in cached_rows(model, x, noise, labels, on_step=keep):
             pass
     return x, seen
 
@@ -77,7 +78,7 @@ def test_cached_params_match_forward_on_partial_image_float32(options):
 def test_cache_memory_grows_with_width_not_height():
     def cache_numel(size):
         model = tiny_model(image_size=size, nonlocal_block=True)
-        net = cache.CachedNetwork(model, 2, None)
+        net = CachedNetwork(model, 2, None)
         with torch.no_grad():
             net.start_row(0)  # the per-row terms exist from here on
         return sum(t.numel() for t in net.state_tensors(include_nonlocal=False))

@@ -1,4 +1,4 @@
-"""The C++ engine (csrc/, fastpixel/cext_step.py): each pixel op against its Triton kernel
+"""The C++ engine (csrc/, fastpixel/sampling/engines/cext.py): each pixel op against its Triton kernel
 file's float64 reference, whole samplings (which also run the row ops) against the PyTorch
 cached sampler, the build's fallback, and a CPU path that never imports Triton."""
 import importlib.util
@@ -13,7 +13,7 @@ import torch
 import fastpixel
 from fastpixel import extension
 from fastpixel.backend import BackendError, choose
-from fastpixel.cext_step import engine_call
+from fastpixel.sampling.engines.cext import engine_call
 from fastpixel.kernels.ops import Column, ColumnConv, ColumnCopy, SamplePixel
 from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model
 

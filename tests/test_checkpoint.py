@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastpixel
-from fastpixel.checkpoint import CheckpointError
+from fastpixel.io.checkpoint import CheckpointError
 from tests.conftest import tiny_model
 
 
@@ -54,7 +54,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
 
 
 def test_unknown_bundled_name_lists_the_bundled_models():
-    from fastpixel.checkpoint import bundled_models
+    from fastpixel.io.checkpoint import bundled_models
 
     with pytest.raises(FileNotFoundError) as err:
         fastpixel.load("nope")

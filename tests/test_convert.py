@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import fastpixel
 from fastpixel import convert
-from fastpixel.data import load_dataset
-from fastpixel.tf_bundle import TensorBundle
+from fastpixel.io.data import load_dataset
+from fastpixel.io.tf_bundle import TensorBundle
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURE = Path(__file__).parent / "fixtures" / "openai_tiny" / "params_tiny.ckpt"

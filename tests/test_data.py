@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastpixel import data
-from fastpixel.data import DATASETS, DataError, load_dataset
+from fastpixel.io import data
+from fastpixel.io.data import DATASETS, DataError, load_dataset
 from tests.conftest import idx_bytes, write_idx
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

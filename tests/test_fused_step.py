@@ -1,4 +1,4 @@
-"""The Triton backend's pixel steps (fastpixel/fused_step.py) against the PyTorch cached
+"""The Triton engine's pixel steps (fastpixel/sampling/engines/fused.py) against the PyTorch cached
 sampler and the naive sampler. Without a GPU the kernels run in Triton's interpreter, so
 the images are small: every launch pattern still occurs (4 rows reach all three
 resolutions), and 2 images exercise the batch."""

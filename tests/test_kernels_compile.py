@@ -4,10 +4,10 @@ The interpreter that runs the kernel tests on the CPU accepts code that the comp
 rejects, so each kernel is also compiled ahead of time to a cubin for sm_80 and sm_90,
 with the signature and constexprs its launcher really uses for two real configurations:
 the bundled MNIST model and the original CIFAR-10 one, batch 16, in float32, float64 and
-bfloat16; training's convolutions (`fastpixel.kernels.shifted_conv.aot_specs`) for the
+bfloat16; training's convolutions (`fastpixel.models.pixelcnnpp.layers.fused_launch_specs`) for the
 CIFAR-10 one with a class bias, in float32 and bfloat16.
 
-What is compiled is what the fused sampler launches: `fastpixel.fused_step.aot_specs`
+What is compiled is what the fused sampler launches: `fastpixel.sampling.engines.fused.aot_specs`
 lists every distinct launch of its steps, each as (jit function, signature, constexprs,
 options), for a model configuration, batch and dtype; and so does what training launches:
 `fastpixel.kernels.mixture_nll.aot_specs` lists the loss and its gradient, plain and focal.
@@ -35,8 +35,9 @@ import importlib, json, pkgutil, sys, time
 import torch, triton
 from triton.backends.compiler import GPUTarget
 import fastpixel, fastpixel.kernels
-from fastpixel.fused_step import aot_specs
-from fastpixel.kernels import mixture_nll, shifted_conv
+from fastpixel.sampling.engines.fused import aot_specs
+from fastpixel.kernels import mixture_nll
+from fastpixel.models.pixelcnnpp.layers import fused_launch_specs
 
 archs, batch, part, parts = json.loads(sys.argv[1])
 kernels = sorted(f"{info.name}.{name}" for info in pkgutil.iter_modules(fastpixel.kernels.__path__)
@@ -47,8 +48,15 @@ configs = {"mnist": fastpixel.load("mnist").config, "cifar": fastpixel.ModelConf
 jobs = [(name, dtype, spec) for name, config in configs.items() for dtype in (torch.float32, torch.float64, torch.bfloat16)
         for spec in aot_specs(config, batch, dtype) + mixture_nll.aot_specs(config, batch, dtype)]
 # training's convolutions: the CIFAR configuration with a class bias, in training's dtypes
+def training_specs(config, dtype):
+    with torch.device("meta"):
+        model = fastpixel.PixelCNNpp(config).to(dtype)
+        x, labels = torch.empty(batch, config.channels, *config.shape, dtype=dtype), torch.zeros(batch, dtype=torch.long)
+        return fused_launch_specs(model, x, labels)
+
+
 jobs += [("cifar", dtype, spec) for dtype in (torch.float32, torch.bfloat16)
-         for spec in shifted_conv.aot_specs(fastpixel.ModelConfig(num_classes=10), batch, dtype)]
+         for spec in training_specs(fastpixel.ModelConfig(num_classes=10), dtype)]
 for name, dtype, (fn, signature, constexprs, options) in jobs[part::parts]:
     for arch in archs:
         start = time.perf_counter()

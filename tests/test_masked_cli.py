@@ -85,7 +85,7 @@ def test_family_mismatches_are_clear_errors(tmp_path):
 def test_resume_refuses_an_optimiser_state_that_does_not_fit(tmp_path):
     """Adam's state maps onto parameters by position: a state whose moments do not fit the
     model's parameters is refused up front, not met as a shape error inside a step."""
-    from fastpixel.integrity import load_sealed, sealed
+    from fastpixel.io.integrity import load_sealed, sealed
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("test", 8)):
         np.savez(tmp_path / f"{split}.npz", codes=rng.integers(0, 10, (n, 4, 5)))

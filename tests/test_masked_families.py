@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fastpixel
-from fastpixel import categorical
-from fastpixel.checkpoint import CheckpointError
-from fastpixel.masked import MaskedConv2d, groups
+from fastpixel.models.masked import categorical
+from fastpixel.io.checkpoint import CheckpointError
+from fastpixel.models.masked.family import MaskedConv2d, groups
 from fastpixel.sampling import image_noise
+from fastpixel.sampling.engines import CACHES, cached_rows
 
 FAMILIES = {"pixelcnn": (fastpixel.PixelCNNConfig, fastpixel.PixelCNN),
             "gated": (fastpixel.GatedConfig, fastpixel.GatedPixelCNN)}
@@ -220,7 +221,7 @@ def run_cached(model, n, seed, backend):
     def keep(i, j, logits):
         seen[..., i, j] = logits
 
-    for _ in model.cached_sampler(n, labels).rows(x, noise, backend, on_logits=keep):
+    for _ in cached_rows(model, x, noise, labels, engine=backend, on_step=keep):
         pass
     with torch.no_grad():
         full = model(x[:, 0] if cfg.categorical_inputs else x, labels)
@@ -275,10 +276,10 @@ def test_cext_is_the_default_on_the_cpu_and_runs_no_pytorch_operator_per_pixel(f
     def operators(width):
         model = tiny(family, image_size=(3, width), **OPTIONS["rgb-4-labels"])
         noise = torch.rand(2, 3, 3, width, dtype=torch.float64)
-        sampler = model.cached_sampler(2, labels_for(model, 2))
+        labels = labels_for(model, 2)
         Count.calls = 0
         with Count():
-            for _ in sampler.rows(torch.zeros(2, 3, 3, width, dtype=torch.float64), noise, "cext"):
+            for _ in cached_rows(model, torch.zeros(2, 3, 3, width, dtype=torch.float64), noise, labels, engine="cext"):
                 pass
         return Count.calls
 
@@ -317,7 +318,7 @@ def state_size(value, seen=None) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memory_grows_with_the_width_not_the_area(family):
-    size = lambda shape: state_size(tiny(family, image_size=shape).cached_sampler(2, None))  # noqa: E731
+    size = lambda shape: state_size(CACHES[family](tiny(family, image_size=shape), 2, None))  # noqa: E731
     assert size((5, 6)) == size((40, 6)) < size((5, 12))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastpixel
-from fastpixel.layers import Nin, ShiftedConv2d, ShiftedConvTranspose2d, _WeightNormed
+from fastpixel.models.pixelcnnpp.layers import Nin, ShiftedConv2d, ShiftedConvTranspose2d, _WeightNormed
 from tests.conftest import tiny_model
 
 OPTIONS = list(itertools.product([1, 3], [False, True], [False, True], [None, 3]))

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fastpixel
-from fastpixel import data as data_module
+from fastpixel.io import data as data_module
 from fastpixel import eval as eval_module
 from fastpixel import train as train_module
-from fastpixel.checkpoint import CheckpointError
-from fastpixel.integrity import IntegrityError, load_sealed, sealed, tensors_digest
+from fastpixel.io.checkpoint import CheckpointError
+from fastpixel.io.integrity import IntegrityError, load_sealed, sealed, tensors_digest
 from tests.conftest import tiny_model, write_random_mnist
 from tests.test_train import ROOT, TINY, metrics, train_losses
 
@@ -185,8 +185,8 @@ def test_sample_refuses_impossible_requests(checkpoint, tmp_path, monkeypatch, c
 
 def test_sample_draws_at_most_the_default_batch_at_once(monkeypatch):
     batches = []
-    monkeypatch.setattr(fastpixel.sampling, "DEFAULT_BATCH", 2)
-    monkeypatch.setattr(fastpixel.sampling.cache, "sample_rows", lambda model, x, *a, **k: iter([batches.append(len(x))]))
+    monkeypatch.setattr(fastpixel.sampling.sampler, "DEFAULT_BATCH", 2)
+    monkeypatch.setattr(fastpixel.sampling.engines, "cached_rows", lambda model, x, *a, **k: iter([batches.append(len(x))]))
     fastpixel.sample(tiny_model(dtype=torch.float32), 5, fast=True, backend="torch")
     assert batches == [2, 2, 1]
 

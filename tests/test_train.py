@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastpixel
-from fastpixel import data as data_module
+from fastpixel.io import data as data_module
 from fastpixel import train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The discretised logistic mixture: likelihood, focal likelihood and exact sampling.
+"""The discretised logistic mixture in plain PyTorch: likelihood, focal likelihood and exact sampling.
 
 Parameter layout on the channel axis, for K components and C image channels:
 `[logits (K) | means (C*K) | log-scales (C*K) | coupling coefficients (3*K, RGB only)]`.
@@ -10,16 +10,13 @@ nearly equal numbers, so every bin gets its exact mass in float32 too; the origi
 tiny-bin fallback (log-density times bin width when the difference underflows) is what
 this replaces, and the two agree wherever that approximation is accurate.
 
-`nll` and `focal_nll` hand CUDA tensors to a fused Triton kernel with the same loss and its
-gradient (kernels/mixture_nll.py); fastpixel.backend.choose_loss decides, and everywhere
-else, unless told otherwise, the loss is the PyTorch code below.
+This is the plain-PyTorch twin of the fused kernels in `mixture_nll.py` and
+`mixture_sample.py` (their reference), and what `fastpixel.mixture` runs wherever they do not.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from .backend import choose_loss
 
 MIN_LOG_SCALE = -7.0
 HALF_BIN = 1.0 / 255.0  # half the spacing of the 256-level grid on [-1, 1]
@@ -30,7 +27,7 @@ def num_params(channels: int, nr_mix: int) -> int:
     return (1 + 2 * channels + (3 if channels == 3 else 0)) * nr_mix
 
 
-def _num_mix(num_channels_params: int, channels: int) -> int:
+def num_mix(num_channels_params: int, channels: int) -> int:
     per_component = num_params(channels, 1)
     if num_channels_params % per_component:
         raise ValueError(f"mixture parameters for {channels} channel(s) need a multiple of {per_component} "
@@ -49,7 +46,7 @@ def _infer_channels(num_channels_params: int, channels: int | None) -> int:
     return fits[0]
 
 
-def _compute_dtype(params: torch.Tensor) -> torch.dtype:
+def compute_dtype(params: torch.Tensor) -> torch.dtype:
     # bf16 / fp16 lack the precision for log-probabilities and for the 256-level grid.
     return torch.float64 if params.dtype == torch.float64 else torch.float32
 
@@ -57,8 +54,8 @@ def _compute_dtype(params: torch.Tensor) -> torch.dtype:
 def _unpack(params: torch.Tensor, channels: int):
     """Split parameters (B, P, H, W) into logits (B, K, H, W), means and log-scales
     (B, C, K, H, W) and coupling coefficients (B, 3, K, H, W) or None."""
-    k = _num_mix(params.shape[1], channels)
-    params = params.to(_compute_dtype(params))
+    k = num_mix(params.shape[1], channels)
+    params = params.to(compute_dtype(params))
     logits = params[:, :k]
     means = params[:, k:k + channels * k].unflatten(1, (channels, k))
     log_scales = params[:, k + channels * k:k + 2 * channels * k].unflatten(1, (channels, k)).clamp(min=MIN_LOG_SCALE)
@@ -91,7 +88,7 @@ def _log_bin_mass(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) 
 
 def _component_log_probs(params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel and component, log P_k(x_c | x_<c) (B, C, K, H, W), and log mixture weights."""
-    _check_pair(params, x)
+    check_pair(params, x)
     channels = x.shape[1]
     logits, means, log_scales, coeffs = _unpack(params, channels)
     x = x.to(logits.dtype)
@@ -103,37 +100,19 @@ def _component_log_probs(params: torch.Tensor, x: torch.Tensor) -> tuple[torch.T
     return torch.stack(per_channel, dim=1), torch.log_softmax(logits, dim=1)
 
 
-def _fused(params: torch.Tensor, backend: str | None):
-    """kernels/mixture_nll.py when fastpixel.backend.choose_loss picks Triton, else None."""
-    if choose_loss(params.device, backend) != "triton":
-        return None
-    from .kernels import mixture_nll  # imports Triton: only when it runs (an import statement torch.compile traces)
-    return mixture_nll
-
-
-def nll(params: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood in nats per image, (B,), of images x (B, C, H, W) on the
-    256-level grid in [-1, 1] under mixture parameters (B, P, H, W). `backend` ("torch",
-    "triton"; None: $FASTPIXEL_BACKEND, else Triton's fused kernel for CUDA tensors and
-    PyTorch elsewhere) says who computes it (fastpixel.backend.choose_loss)."""
-    fused = _fused(params, backend)
-    if fused is not None:
-        return fused.nll(params, x)
+    256-level grid in [-1, 1] under mixture parameters (B, P, H, W)."""
     log_probs, log_weights = _component_log_probs(params, x)
     per_pixel = torch.logsumexp(log_weights + log_probs.sum(dim=1), dim=1)
     return -per_pixel.flatten(1).sum(dim=1)
 
 
-def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0, backend: str | None = None) -> torch.Tensor:
+def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) per image, (B,): the sum over sub-pixels of
     -(1 - P)^gamma log P, where P = P(x_c | x_<c, context) comes from the chain rule inside
-    the pixel (mixture weights updated by the earlier channels). Equal to `nll` at gamma = 0.
-    `backend` as for `nll`."""
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    fused = _fused(params, backend)
-    if fused is not None:
-        return fused.focal_nll(params, x, gamma)
+    the pixel (mixture weights updated by the earlier channels). Equal to `nll` at gamma = 0."""
+    check_gamma(gamma)
     log_probs, log_weights = _component_log_probs(params, x)
     # log P(x_<=c): mixture of the running products over channels; differences give conditionals.
     joint = torch.logsumexp(log_weights.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # (B, C, H, W)
@@ -143,11 +122,16 @@ def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0, backend
     return -(weight * conditional).flatten(1).sum(dim=1)
 
 
+def check_gamma(gamma: float) -> None:
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+
+
 def noise_shape(params_shape: torch.Size | tuple, channels: int) -> tuple[int, int, int, int]:
     """Shape of the uniforms `sample` consumes: per pixel, one per component (to choose it)
     and one per channel (to draw the logistic)."""
     batch, p, height, width = params_shape
-    return (batch, _num_mix(p, channels) + channels, height, width)
+    return (batch, num_mix(p, channels) + channels, height, width)
 
 
 @torch.no_grad()
@@ -197,12 +181,12 @@ def snap_to_grid(x: torch.Tensor) -> torch.Tensor:
     return torch.round((x + 1) * 127.5).clamp(0, 255) / 127.5 - 1
 
 
-def _check_pair(params: torch.Tensor, x: torch.Tensor) -> None:
+def check_pair(params: torch.Tensor, x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point on the [-1, 1] grid (u8 / 127.5 - 1), got {x.dtype}")
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x must have shape (batch, 1 or 3, height, width), got {tuple(x.shape)}")
     if params.dim() != 4 or params.shape[0] != x.shape[0] or params.shape[2:] != x.shape[2:]:
         raise ValueError(f"params must have shape (batch, P, height, width) matching x {tuple(x.shape)}, got {tuple(params.shape)}")
-    _num_mix(params.shape[1], x.shape[1])
+    num_mix(params.shape[1], x.shape[1])
 

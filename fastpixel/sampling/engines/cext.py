@@ -1,7 +1,9 @@
-"""The cached sampler's steps in C++ (`csrc/step.cpp`): the same work as `CachedNetwork`,
-on the same buffers, packed once into op descriptors and run by the CPU engine.
+"""The C++ engine (`csrc/step.cpp`, built by fastpixel/extension.py): a cache's steps
+packed once into op descriptors over the cache's own buffers, and run by the CPU engine.
 
-- A pixel's step is the Triton backend's step plan: `fused_step.FusedSteps` walks the
+PixelCNN++ (`CextSteps`): the same work as `CachedNetwork`, row and pixel.
+
+- A pixel's step is the Triton engine's step plan: `fused.FusedSteps` walks the
   model once into a fixed list of bound launches (column convolutions, column copies, the
   non-local block, the mixture draw, the position's advance); each is packed here into one
   op descriptor holding the arguments its Triton kernel gets, tensors as addresses.
@@ -10,6 +12,11 @@ on the same buffers, packed once into op descriptors and run by the CPU engine.
   the ul stream's per-row terms), plus the fused input layer's per-row term.
 
 A step or a row is then one call into C++, with no PyTorch operator on the way.
+
+The masked families (`EnginePixels`): the PRODUCT and CATEGORICAL_DRAW ops run a cached
+sampler's plan (fastpixel/sampling/caches/masked.py), every colour's products and then its
+draw, so that a whole pixel is one call into the engine; the per-row work stays with the
+sampler (PyTorch).
 """
 from __future__ import annotations
 
@@ -19,18 +26,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import extension
-from .cache import CachedNetwork, _Block, _ConvCache, _Pointwise
-from .fused_step import Advance, FusedSteps, _GraphableNonLocal, step_pattern
-from .kernels.ops import NONLINEARITIES, ColumnConv, ColumnCopy, Op, SamplePixel
-from .model import LEVELS, PixelCNNpp
+from ... import extension
+from ...kernels.ops import NONLINEARITIES, ColumnConv, ColumnCopy, Op, SamplePixel
+from ...models.pixelcnnpp.model import LEVELS
+from ..caches.masked import EPILOGUES, CachedSampler, Product, Runs
+from ..caches.pixelcnnpp import Block, CachedNetwork, ConvCache, Pointwise
+from .fused import Advance, FusedSteps, GraphableNonLocal, step_pattern
+from .pytorch import MaskedPixels
 
 _DTYPES = (torch.float32, torch.float64)
 # op kinds (csrc/step.cpp `Kind`), and the constexprs each Triton kernel's C++ twin reads after its arguments
 _CONSTEXPRS = {ColumnConv: (0, ("KW", "STRIDE", "LEVEL", "FRESH", "STORE", "NL", "HAS_SKIP", "SKIP_NL", "GATE")),
                ColumnCopy: (1, ()),
                SamplePixel: (2, ("CHANNELS", "HAS_IMAGE"))}
-_ADVANCE, _ROW_SHIFT, _ROW_WRITE, _ROW_CONV, _NONLOCAL = 3, 4, 5, 6, 7
+_ADVANCE, _ROW_SHIFT, _ROW_WRITE, _ROW_CONV, _NONLOCAL, _PRODUCT, _DRAW = 3, 4, 5, 6, 7, 8, 9
 _PERIOD = 1 << (LEVELS - 1)  # the coarsest level's stride
 
 
@@ -47,11 +56,11 @@ def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     return op
 
 
-def _pack(launch: Op | Advance | _GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
+def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
     """A step plan's launch as an op. Tensors made here for the engine go into `keep`."""
     if isinstance(launch, Advance):
         return pack_op(_ADVANCE, [launch.position], slots)
-    if isinstance(launch, _GraphableNonLocal):
+    if isinstance(launch, GraphableNonLocal):
         block, x = launch.block, launch.x
         layers = [(layer.weight.t().contiguous(), layer.bias) for layer in (block.query, block.key, block.value, block.out)]
         keep.extend(layers)
@@ -95,9 +104,9 @@ class _RowOps:
     row is the first and on its index mod 4 (the levels due, and which row of the coarser
     levels' 2-row buffers is read), so there are at most five lists, each packed once."""
 
-    def __init__(self, model: PixelCNNpp, net: CachedNetwork, left_term: torch.Tensor):
+    def __init__(self, net: CachedNetwork, left_term: torch.Tensor):
         self.net, self.left_term = net, left_term
-        self.nl = NONLINEARITIES.index(model.config.resnet_nonlinearity)
+        self.nl = NONLINEARITIES.index(net.config.resnet_nonlinearity)
         self.run, self.slots = load_engine(left_term.dtype)
         self.keep: list[torch.Tensor] = []  # what the engine reads and no one else holds
         batch, width, nf = left_term.shape
@@ -162,17 +171,17 @@ class _RowOps:
         self.keep.append(t)
         return t
 
-    def _shift(self, cache: _ConvCache) -> np.ndarray:
+    def _shift(self, cache: ConvCache) -> np.ndarray:
         rows = cache.rows
         return pack_op(_ROW_SHIFT, [rows, rows.stride(0), rows.shape[0], rows.shape[1], rows.stride(1)], self.slots)
 
-    def _write(self, x: torch.Tensor, cache: _ConvCache, nl: int) -> np.ndarray:
+    def _write(self, x: torch.Tensor, cache: ConvCache, nl: int) -> np.ndarray:
         dst = cache.rows[:, -1, cache.left:]
         return pack_op(_ROW_WRITE, [x, x.stride(0), x.stride(1), dst, dst.stride(0), dst.stride(1),
                                 x.shape[0], cache.width, x.shape[2], nl], self.slots)
 
     def _row_conv(self, src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, *,
-                  kw: int = 1, stride: int = 1, skip: tuple[torch.Tensor, _Pointwise] | None = None,
+                  kw: int = 1, stride: int = 1, skip: tuple[torch.Tensor, Pointwise] | None = None,
                   residual: torch.Tensor | None = None, accumulate: bool = False) -> np.ndarray:
         """out (B, W, N) from src (B, rows, columns, CIN) through weight (rows * kw * CIN, N
         or 2N with the gate), bias (B or broadcast, N or 2N); see csrc/step.cpp row_conv."""
@@ -188,7 +197,7 @@ class _RowOps:
             residual, *((residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)), residual is not None,
             out, out.stride(0), out.stride(1), accumulate, batch, width, n], self.slots)
 
-    def _conv(self, cache: _ConvCache, out: torch.Tensor, *, older: bool = False, skip=None, residual=None,
+    def _conv(self, cache: ConvCache, out: torch.Tensor, *, older: bool = False, skip=None, residual=None,
               accumulate: bool = False) -> np.ndarray:
         """The cache's whole output row (`conv()`), or with `older` the share of its rows
         above the newest plus its bias (`start_pixels`), + a skip input through its 1x1 layer."""
@@ -203,16 +212,16 @@ class _RowOps:
         return self._row_conv(out[:, None][:, :0], out.new_zeros(0, out.shape[2]), self._kept(out.new_zeros(out.shape[2])),
                               out)
 
-    def _block(self, block: _Block, x: torch.Tensor, out: torch.Tensor, level: int, skip=None) -> list[np.ndarray]:
-        """_Block on a whole row: x in, out = x + a * sigmoid(b)."""
+    def _block(self, block: Block, x: torch.Tensor, out: torch.Tensor, level: int, skip=None) -> list[np.ndarray]:
+        """Block on a whole row: x in, out = x + a * sigmoid(b)."""
         c = self.scratch[level]
         return [self._write(x, block.conv_in, self.nl),
                 self._conv(block.conv_in, c, skip=skip),
                 self._write(c, block.conv_out, self.nl),
                 self._conv(block.conv_out, out, residual=x)]
 
-    def _start_pixels(self, block: _Block, skip: _Pointwise, x: torch.Tensor) -> list[np.ndarray]:
-        """_Block.start_pixels(skip(nl(x)))."""
+    def _start_pixels(self, block: Block, skip: Pointwise, x: torch.Tensor) -> list[np.ndarray]:
+        """Block.start_pixels(skip(nl(x)))."""
         return [self._conv(block.conv_in, block.conv_in.from_older, older=True, skip=(x, skip)),
                 self._conv(block.conv_out, block.conv_out.from_older, older=True)]
 
@@ -243,23 +252,76 @@ def _pair_weights(layer, weight: torch.Tensor) -> torch.Tensor:
 
 
 class CextSteps:
-    """The cached sampler run by the C++ engine, row by row and pixel by pixel:
-    `start_row(r)`, then `step(r, c)` for each pixel in raster order (FusedSteps' contract)."""
+    """PixelCNN++'s cached sampler run by the C++ engine, row by row and pixel by pixel
+    (the engines' Steps, as FusedSteps)."""
 
-    def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
         if x.dtype not in _DTYPES:
             raise ValueError(f"the C++ engine runs float32 and float64 models, not {x.dtype}")
         if x.device.type != "cpu":
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
-        self.plan = FusedSteps(model, net, x, noise)  # keeps every buffer the ops point at alive
+        self.plan = FusedSteps(net, x, noise)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
         steps = [engine_call(self.plan.step_launches[due], x.dtype) for due in range(1, LEVELS + 1)]
         # a pixel's step depends on (r, c) mod 4 alone: looked up, not worked out, at each pixel
         self._steps = [[steps[step_pattern(r, c) - 1] for c in range(_PERIOD)] for r in range(_PERIOD)]
-        self._rows = _RowOps(model, net, self.plan.left_term)
+        self._rows = _RowOps(net, self.plan.left_term)
 
     def start_row(self, r: int) -> None:
         self._rows(r)
 
     def step(self, r: int, c: int) -> None:
         self._steps[r % _PERIOD][c % _PERIOD]()
+
+    def end_row(self, r: int) -> None:
+        """Nothing: every buffer a row fills was written by its steps."""
+
+
+# --------------------------------------------------------------------------- the masked families
+def _runs(runs: Runs | None) -> list[int]:
+    """A Runs as the engine's six slots: address, batch stride, column stride, count, gap, length."""
+    if runs is None:
+        return [0] * 6
+    view = runs.view
+    return [view.data_ptr(), view.stride(0), runs.column, view.shape[1], view.stride(1), view.shape[2]]
+
+
+class EnginePixels(MaskedPixels):
+    """A masked family's cached sampler with every colour's sub-step of a pixel, draws and
+    feature writes included, in one call into the engine; rows as MaskedPixels."""
+
+    def __init__(self, sampler: CachedSampler, x: torch.Tensor, noise: torch.Tensor):
+        super().__init__(sampler, x, noise)
+        dtype = sampler.logits.dtype
+        if dtype not in (torch.float32, torch.float64) or sampler.logits.device.type != "cpu":
+            raise ValueError(f"the C++ engine runs float32 and float64 models on the CPU, not {dtype} on "
+                             f"{sampler.logits.device}")
+        run, slots = load_engine(dtype)
+        self.width = sampler.config.shape[1]
+        self.position = torch.zeros(1, dtype=torch.int32)
+        self._position = self.position.numpy()  # the same memory: set without a PyTorch operator
+        self.noise = noise.to(torch.float64).contiguous()
+        batch = len(self.noise)
+        head = [self.position, self.width, batch]
+        ops = []
+        for c, plan in enumerate(sampler.plan):
+            ops += [pack_op(_PRODUCT, head + self._product(p), slots) for p in plan]
+            levels = sampler.levels[:, c]
+            ops.append(pack_op(_DRAW, head + [
+                sampler.logits[:, c], sampler.logits.stride(0), sampler.logits.shape[2],
+                self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
+                levels.data_ptr(), levels.stride(0), levels.stride(1)], slots))
+        self.call = OpList(run, ops, [self.noise, sampler])
+
+    @staticmethod
+    def _product(p: Product) -> list:
+        k = p.a.view.shape[1] * p.a.view.shape[2]
+        if not p.weight.is_contiguous() or p.weight.shape[0] != k:
+            raise ValueError(f"a product's weight must be a contiguous ({k}, N) matrix, got {tuple(p.weight.shape)}")
+        return [*_runs(p.a), p.relu_a, p.weight, p.weight.shape[1], *_runs(p.init), p.bias,
+                EPILOGUES.index(p.epilogue), *_runs(p.out)]
+
+    def step(self, i: int, j: int) -> None:
+        self._position[0] = i * self.width + j
+        self.call()
+

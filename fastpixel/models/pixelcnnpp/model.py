@@ -18,10 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_labels
 from . import mixture
 from .config import ModelConfig
-from .layers import (CausalNonLocal, GatedResnet, Nin, ShiftedConv2d, ShiftedConvTranspose2d,
-                     data_dependent_init, down_shift, right_shift)
+from .layers import (
+    CausalNonLocal,
+    GatedResnet,
+    Nin,
+    ShiftedConv2d,
+    ShiftedConvTranspose2d,
+    data_dependent_init,
+    down_shift,
+    right_shift,
+)
 
 LEVELS = 3  # full, half and quarter resolution
 
@@ -141,19 +150,3 @@ class PixelCNNpp(nn.Module):
         that its outputs on this batch have zero mean and its chosen standard deviation."""
         with data_dependent_init(self):
             self(x, labels)
-
-
-def check_labels(config: ModelConfig, labels, batch: int) -> None:
-    """Raise ValueError unless `labels` suit a batch of `batch` images for this config."""
-    if config.num_classes is None:
-        if labels is not None:
-            raise ValueError("labels were given, but this model is not class-conditional (num_classes is None)")
-        return
-    if labels is None:
-        raise ValueError(f"this model is class-conditional: labels (batch,) in 0..{config.num_classes - 1} are required")
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError("labels must be an integer tensor of shape (batch,)")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if batch and not labels.is_meta and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
-        raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got values from {int(labels.min())} to {int(labels.max())}")

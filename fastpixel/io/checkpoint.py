@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .families import FAMILIES, Family, family_named, family_of
+from ..models.families import FAMILIES, Family, family_named, family_of
 from .integrity import tensors_digest
 
 # "fastpixel.<model class>/2" (Family.format); /2 files carry a digest. PixelCNN++ files
@@ -27,7 +27,7 @@ _FAMILY_OF_FORMAT = {**{f.format: f for f in FAMILIES.values()}, _LEGACY_FORMAT:
 _DIGEST = "sha256"  # the metadata key of the digest
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names; every weight of a model is floating point
 MODEL_FILE = "model.safetensors"  # the file `load` looks for inside a directory
-BUNDLED = Path(__file__).parent / "weights"  # trained models shipped with the package, by name
+BUNDLED = Path(__file__).parent.parent / "weights"  # trained models shipped with the package, by name
 
 
 class CheckpointError(ValueError):

@@ -1,15 +1,17 @@
 """The model families fastpixel serves, by the name files, the trainer and the CLIs use:
-"pixelcnnpp" (PixelCNN++, the default), "pixelcnn" (masked) and "gated" (Gated PixelCNN)."""
+"pixelcnnpp" (PixelCNN++, the default), "pixelcnn" (masked) and "gated" (Gated PixelCNN).
+The one registry of models: `load`, `sample`, `train` and `eval` go through it. (Each
+family's cache is registered beside the engines, in fastpixel/sampling/engines.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ModelConfig
-from .gated import GatedConfig, GatedPixelCNN
-from .model import PixelCNNpp
-from .pixelcnn import PixelCNN, PixelCNNConfig
+from .masked.gated import GatedConfig, GatedPixelCNN
+from .masked.pixelcnn import PixelCNN, PixelCNNConfig
+from .pixelcnnpp.config import ModelConfig
+from .pixelcnnpp.model import PixelCNNpp
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The cached sampler's pixel step as fused Triton launches, replayed through CUDA graphs.
+"""The Triton engine: PixelCNN++'s cached sampler's pixel step as fused Triton launches,
+replayed through CUDA graphs.
 
-`CachedNetwork` (cache.py) stays the one cache: its buffers, its per-row work (the `u`
+`CachedNetwork` (fastpixel/sampling/caches/pixelcnnpp.py) stays the one cache: its buffers, its per-row work (the `u`
 stream and the folded per-row terms, a few large cuDNN calls per row) and its layout.
 What this file replaces is its per-pixel `step` + `commit`, a few hundred small PyTorch
 operators per pixel, by a fixed list of launches over the same buffers:
@@ -21,25 +22,28 @@ by one: the same code, which is how it is tested without a GPU.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from .cache import CachedNetwork
-from .kernels.ops import Column, ColumnConv, ColumnCopy, Op, SamplePixel
-from .model import LEVELS, PixelCNNpp
+from ...kernels.ops import Column, ColumnConv, ColumnCopy, Op, SamplePixel
+from ...models.pixelcnnpp.model import LEVELS, PixelCNNpp
+from ..caches.pixelcnnpp import CachedNetwork
 
 Launch = Callable[[], None]
 
 
 class FusedSteps:
-    """The pixel steps of one batch: `start_row(r)`, then `step()` for each pixel in raster
-    order, which leaves the mixture parameters in `params` and the pixel in the image."""
+    """The pixel steps of one batch (the engines' Steps): `start_row(r)`, then `step(r, c)`
+    for each pixel in raster order, which leaves the mixture parameters in `params` and the
+    pixel in the image x (B, C, H, W), contiguous."""
 
-    def __init__(self, model: PixelCNNpp, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
-        cfg = model.config
+    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
+        if not x.is_contiguous():
+            raise ValueError("the image being filled must be contiguous")
+        noise = noise.contiguous()
+        cfg = net.config
         self.net, self.image = net, x
         self.width = x.shape[3]
         self.nl = cfg.resnet_nonlinearity
@@ -107,7 +111,7 @@ class FusedSteps:
             if level == LEVELS - 1:
                 x = ups[level].pop()
                 if net.nonlocal_block is not None:
-                    nonlocal_block = _GraphableNonLocal(net.nonlocal_block, pos, x, width, level)
+                    nonlocal_block = GraphableNonLocal(net.nonlocal_block, pos, x, width, level)
                     launches.append(nonlocal_block)
                     x = nonlocal_block.out
             else:
@@ -169,6 +173,9 @@ class FusedSteps:
         due = step_pattern(r, c)
         self._graphs.run(("step", due), lambda: self._run(due))
 
+    def end_row(self, r: int) -> None:
+        """Nothing: every buffer a row fills was written by its steps."""
+
     def _run(self, due: int) -> None:
         for launch in self.step_launches[due]:
             launch()
@@ -227,7 +234,7 @@ class Advance:
         self.position.add_(1)
 
 
-class _GraphableNonLocal:
+class GraphableNonLocal:
     """The cached causal non-local block at a position held in a device tensor: the key and
     value are written into the cache at that position, and the positions not yet reached
     are masked by an additive bias of -inf, so every shape stays fixed."""
@@ -265,7 +272,7 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
         labels = None if config.num_classes is None else torch.zeros(batch, dtype=torch.long)
         x = torch.empty(batch, config.channels, *config.shape, dtype=dtype)
         noise = torch.empty(batch, config.nr_logistic_mix + config.channels, *config.shape, dtype=torch.float64)
-        steps = FusedSteps(model, CachedNetwork(model, batch, labels), x, noise)
+        steps = FusedSteps(CachedNetwork(model, batch, labels), x, noise)
     launches = [launch for launches in steps.step_launches.values() for launch in launches
                 if isinstance(launch, Op)]
     specs = {}
@@ -273,24 +280,3 @@ def aot_specs(config, batch: int, dtype: torch.dtype) -> list[tuple]:
         fn, signature, constexprs, options = launch.aot_spec()
         specs[(fn, *signature.items(), *constexprs.items(), *options.items())] = (fn, signature, constexprs, options)
     return list(specs.values())
-
-
-def fused_sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
-                      on_params: Callable[[int, int, torch.Tensor], None] | None = None,
-                      steps_type: type = FusedSteps) -> Iterator[int]:
-    """cache.sample_rows with the Triton backend (or, with steps_type=cext_step.CextSteps,
-    the C++ engine): same noise, same order, same images."""
-    if not x.is_contiguous():
-        raise ValueError("the image being filled must be contiguous")
-    net = CachedNetwork(model, x.shape[0], labels)
-    steps = steps_type(model, net, x, noise.contiguous())
-    height, width = x.shape[2:]
-    for r in range(height):
-        # Triton launches on the current CUDA device: make it the model's (a no-op on the CPU)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            steps.start_row(r)
-            for c in range(width):
-                steps.step(r, c)
-                if on_params is not None:
-                    on_params(r, c, steps.params)
-        yield r

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import choose_conv
+from ...backend import choose_conv
 
 
 # --------------------------------------------------------------------------- nonlinearities
@@ -153,7 +153,7 @@ def _fused_convs(x: torch.Tensor):
     """kernels/shifted_conv.py where fastpixel.backend.choose_conv picks Triton, else None."""
     if choose_conv(x.device) != "triton":
         return None
-    from .kernels import shifted_conv  # imports Triton: only when it runs
+    from ...kernels import shifted_conv  # imports Triton: only when it runs
     return shifted_conv
 
 
@@ -242,3 +242,23 @@ class CausalNonLocal(nn.Module):
         attn = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
         y = torch.einsum("bij,bdj->bdi", attn, v).view(batch, -1, height, width)
         return x + self.out(y)
+
+
+def fused_launch_specs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None) -> list[tuple]:
+    """Every distinct launch of kernels/shifted_conv.py that a training step of `model` on
+    x (and labels) makes, forward and backward, for `triton.compile`
+    (tests/test_kernels_compile.py). Pass a model and tensors on the meta device: no memory."""
+    from ...kernels import shifted_conv
+
+    inside_blocks = {id(c) for m in model.modules() if isinstance(m, GatedResnet) for c in (m.conv_in, m.conv_out)}
+    layers = [m for m in model.modules() if isinstance(m, GatedResnet)
+              or (isinstance(m, ShiftedConv2d) and id(m) not in inside_blocks)]
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.append((m, args, kwargs)), with_kwargs=True)
+             for m in layers]
+    try:
+        model(x, labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shifted_conv.aot_specs(calls)

@@ -1,4 +1,4 @@
-"""PixelCNN with masked convolutions (van den Oord et al. 2016a) and its cached sampler.
+"""PixelCNN with masked convolutions (van den Oord et al. 2016a).
 
 A k x k mask-A convolution reads the image; residual blocks of ReLU - 1x1 - ReLU - k x k
 (mask B) - ReLU - 1x1 follow, on a stream of 2h features (h inside the block); then
@@ -7,9 +7,7 @@ per-class bias after each block's k x k convolution. The masks zero every tap af
 centre, so a pixel never sees the part of the row above that lies right of the filter's
 reach (the "blind spot" the gated family removes).
 
-The cached sampler computes, at the start of each row, every k x k convolution's taps on
-the rows above for the whole row; per pixel and colour group c it adds the current row's
-taps and runs group c of the 1x1 layers.
+Its cached sampler is fastpixel/sampling/caches/pixelcnn.py.
 """
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked import (CachedSampler, MaskedConfig, MaskedConv2d, MaskedFamily, Pointwise, Product,
-                     RowState, Runs, group_slice, groups, pointwise)
+from .family import MaskedConfig, MaskedConv2d, MaskedFamily, groups, pointwise
 
 
 @dataclass
@@ -84,43 +81,3 @@ class PixelCNN(MaskedFamily):
         for block in self.blocks:
             stream = block(stream, labels)
         return self.logits(stream)
-
-    def cached_sampler(self, batch: int, labels: torch.Tensor | None) -> "CachedPixelCNN":
-        return CachedPixelCNN(self, batch, labels)
-
-
-class CachedPixelCNN(CachedSampler):
-    """A PixelCNN unrolled for sampling: per pixel and colour group c, group c of every layer."""
-
-    def __init__(self, model: PixelCNN, batch: int, labels: torch.Tensor | None):
-        config = model.config
-        h, colours, width = config.hidden_fmaps, config.channels, config.shape[1]
-        stream, inner = groups(2 * h, colours), groups(h, colours)
-        with torch.no_grad():
-            self.convs = [RowState(b.conv, inner, colours, batch, width, bias=b.bias(labels)) for b in model.blocks]
-        self.reduce = [Pointwise(b.reduce, inner, stream, colours) for b in model.blocks]
-        self.expand = [Pointwise(b.expand, stream, inner, colours) for b in model.blocks]
-        like = model.out.weight.detach()
-        self.stream = like.new_zeros(batch, len(model.blocks) + 1, 2 * h)  # this pixel's stream, per block
-        self.inner = like.new_zeros(batch, len(model.blocks), h)            # this pixel's k x k outputs
-        self.h, self.colours = h, colours
-        super().__init__(model, RowState(model.causal, stream, colours, batch, width), self.stream[:, -1])
-
-    def products(self, c: int) -> list[Product]:
-        outer, inner = group_slice(2 * self.h, self.colours, c), group_slice(self.h, self.colours, c)
-        plan = [self.inputs.product(c, Runs.of(self.stream[:, 0, outer]))]
-        for n, conv in enumerate(self.convs):
-            plan += [self.reduce[n].product(c, self.stream[:, n], conv.input(inner), relu_a=True, epilogue="relu"),
-                     conv.product(c, Runs.of(self.inner[:, n, inner]), epilogue="relu"),
-                     self.expand[n].product(c, self.inner[:, n], Runs.of(self.stream[:, n + 1, outer]),
-                                            init=Runs.of(self.stream[:, n, outer]))]
-        return plan
-
-    @torch.no_grad()
-    def start_row(self) -> None:
-        for conv in [self.inputs, *self.convs]:
-            conv.start_row()
-
-    def end_row(self) -> None:
-        for conv in [self.inputs, *self.convs]:
-            conv.end_row()

@@ -11,7 +11,7 @@ once, at the first step where everything it depends on is known:
   Half- and quarter-resolution positions are due when both the row and the column are
   multiples of 2 or 4; their transposed convolutions write 2x2 blocks into row buffers.
 - Each shifted convolution keeps only the rows of its input its filter still needs
-  (`_ConvCache`: kernel-height rows of the padded input width), so memory grows with the
+  (`ConvCache`: kernel-height rows of the padded input width), so memory grows with the
   image width, not its area. The non-local block keeps a key/value cache like a
   transformer's (one entry per quarter-resolution position).
 - Everything a `ul` convolution can know at the start of a row (its bias and class bias,
@@ -24,21 +24,24 @@ once, at the first step where everything it depends on is known:
 The network is walked in exactly the order of `PixelCNNpp.forward`, level by level; the
 parameters at each step equal a full forward pass on the partial image (to rounding), and
 the same noise is consumed, so the images equal the naive sampler's.
+
+This file is the cache and its reference steps in PyTorch (`start_row`, `step`, `commit`);
+who runs a pixel's steps is an engine's choice (fastpixel/sampling/engines): PyTorch calls
+these methods, the Triton and C++ engines run the same plan over the same buffers.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import mixture
-from .layers import GatedResnet, Nin, ShiftedConv2d
-from .model import LEVELS, PixelCNNpp
+from ...models.pixelcnnpp.layers import GatedResnet, Nin, ShiftedConv2d
+from ...models.pixelcnnpp.model import LEVELS, PixelCNNpp
 
 
-class _ConvCache:
+class ConvCache:
     """The last kernel-height rows of one shifted convolution's input, zero-padded as the
     layer pads it, channels last: (B, kh, padded width, Cin).
 
@@ -97,7 +100,7 @@ class _ConvCache:
         return torch.addmm(self.from_older[:, col], window, self.newest_weight)
 
 
-class _Pointwise:
+class Pointwise:
     """A 1x1 layer on (..., Cin), optionally reading only some of its input channels."""
 
     def __init__(self, layer: Nin, in_channels: list[int] | None = None, with_bias: bool = True):
@@ -116,7 +119,7 @@ def _nonlinearity(block: GatedResnet) -> Callable[[torch.Tensor], torch.Tensor]:
     return block.nonlinearity
 
 
-class _Block:
+class Block:
     """One gated residual block on a whole row or at one column. Its skip input arrives
     already through the skip layer (`skip_term`), or folded into `start_pixels`."""
 
@@ -125,8 +128,8 @@ class _Block:
         class_bias = None
         if block.class_bias is not None:
             class_bias = block.conv_out.b.detach() + block.class_bias(labels)
-        self.conv_in = _ConvCache(block.conv_in, batch, width)
-        self.conv_out = _ConvCache(block.conv_out, batch, width, bias=class_bias)
+        self.conv_in = ConvCache(block.conv_in, batch, width)
+        self.conv_out = ConvCache(block.conv_out, batch, width, bias=class_bias)
         self.caches = [self.conv_in, self.conv_out]
 
     def start_pixels(self, skip_term: torch.Tensor | None = None) -> None:
@@ -143,21 +146,21 @@ class _Block:
         return x + a * torch.sigmoid(b)
 
 
-def _skip_halves(block: GatedResnet, channels: int) -> tuple[_Pointwise, _Pointwise]:
+def _skip_halves(block: GatedResnet, channels: int) -> tuple[Pointwise, Pointwise]:
     """Split the skip layer of a down-pass `ul` block, nin(nl(cat(u, ul))), into a part
     that reads nl(u) (with the bias) and a part that reads nl(ul); their sum is the layer."""
     # nl(cat(u, ul)) holds, for each copy f (x and -x for concat_elu), the u channels then the ul channels.
     copies = range(block.channel_factor)
     u_part = [f * 2 * channels + i for f in copies for i in range(channels)]
     ul_part = [f * 2 * channels + channels + i for f in copies for i in range(channels)]
-    return _Pointwise(block.skip, u_part), _Pointwise(block.skip, ul_part, with_bias=False)
+    return Pointwise(block.skip, u_part), Pointwise(block.skip, ul_part, with_bias=False)
 
 
-class _CachedNonLocal:
+class CachedNonLocal:
     """The causal non-local block one position at a time, with a key/value cache."""
 
     def __init__(self, block, batch: int, positions: int, like: torch.Tensor):
-        self.query, self.key, self.value, self.out = (_Pointwise(m) for m in (block.query, block.key, block.value, block.out))
+        self.query, self.key, self.value, self.out = (Pointwise(m) for m in (block.query, block.key, block.value, block.out))
         inner = self.query.weight.shape[0]
         self.keys = like.new_zeros(batch, positions, inner)
         self.values = like.new_zeros(batch, positions, inner)
@@ -178,7 +181,7 @@ class CachedNetwork:
     hands back the sampled pixel (B, C) in [-1, 1]."""
 
     def __init__(self, model: PixelCNNpp, batch: int, labels: torch.Tensor | None):
-        cfg = model.config
+        cfg = self.config = model.config
         self.height, self.width = cfg.shape
         nf = cfg.nr_filters
         widths = [self.width >> level for level in range(LEVELS)]
@@ -187,26 +190,26 @@ class CachedNetwork:
 
         # Input layers. Their outputs are shifted one row down (u, ul "above") or one column
         # right (ul "left"), so each reads the image row / pixel before the one it serves.
-        self.u_init = _ConvCache(model.u_init, batch, self.width)
-        self.ul_init_above = _ConvCache(model.ul_init_above, batch, self.width)
-        self.ul_init_left = _ConvCache(model.ul_init_left, batch, self.width)
+        self.u_init = ConvCache(model.u_init, batch, self.width)
+        self.ul_init_above = ConvCache(model.ul_init_above, batch, self.width)
+        self.ul_init_left = ConvCache(model.ul_init_left, batch, self.width)
         # The input's channels beyond the image (ones, CoordConv rows and columns), (H, W, n).
         zeros = param.new_zeros(1, cfg.channels, *cfg.shape)
         self.constant_features = model.input_features(zeros)[0, cfg.channels:].permute(1, 2, 0)
 
         def blocks(stream, level):
-            return [_Block(b, batch, widths[level], labels) for b in stream[level]]
+            return [Block(b, batch, widths[level], labels) for b in stream[level]]
 
         self.up_u = [blocks(model.up_u, level) for level in range(LEVELS)]
         self.up_ul = [blocks(model.up_ul, level) for level in range(LEVELS)]
         self.down_u = [blocks(model.down_u, level) for level in range(LEVELS)]
         self.down_ul = [blocks(model.down_ul, level) for level in range(LEVELS)]
-        self.up_ul_skip = [[_Pointwise(b.skip) for b in model.up_ul[level]] for level in range(LEVELS)]
-        self.down_u_skip = [[_Pointwise(b.skip) for b in model.down_u[level]] for level in range(LEVELS)]
+        self.up_ul_skip = [[Pointwise(b.skip) for b in model.up_ul[level]] for level in range(LEVELS)]
+        self.down_u_skip = [[Pointwise(b.skip) for b in model.down_u[level]] for level in range(LEVELS)]
         self.down_ul_skip = [[_skip_halves(b, nf) for b in model.down_ul[level]] for level in range(LEVELS)]
         # The stride-2 convolutions read level L; their outputs are level L + 1's positions.
-        self.downsample_u = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_u)]
-        self.downsample_ul = [_ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_ul)]
+        self.downsample_u = [ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_u)]
+        self.downsample_ul = [ConvCache(m, batch, widths[level]) for level, m in enumerate(model.downsample_ul)]
         # upsample_*[L] turns a level L + 1 position into a 2x2 block of level L, written
         # into *_from_below[L], (B, 2 rows, width of L, C), which level L reads a row later.
         self.upsample_u = [(m, m.weight().detach(), m.b.detach()) for m in model.upsample_u]
@@ -216,8 +219,8 @@ class CachedNetwork:
         self.nonlocal_block = None
         if model.nonlocal_block is not None:
             positions = (self.height >> (LEVELS - 1)) * widths[-1]
-            self.nonlocal_block = _CachedNonLocal(model.nonlocal_block, batch, positions, param)
-        self.out = _Pointwise(model.out)
+            self.nonlocal_block = CachedNonLocal(model.nonlocal_block, batch, positions, param)
+        self.out = Pointwise(model.out)
 
         # The caches whose input is at level L roll over when a row of level L starts.
         self.caches_of_level = [[self.ul_init_left], [], []]
@@ -323,31 +326,3 @@ class CachedNetwork:
         features = torch.cat([pixel, self.constant_features[r, c].expand(pixel.shape[0], -1)], dim=1)
         for cache in (self.u_init, self.ul_init_above, self.ul_init_left):
             cache.write(features, c)
-
-
-def sample_rows(model: PixelCNNpp, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None,
-                on_params: Callable[[int, int, torch.Tensor], None] | None = None,
-                backend: str = "torch") -> Iterator[int]:
-    """Fill x (B, C, H, W) in place, pixel by pixel, through the cache; yield after each row.
-    Same noise, same order, same mixture sampler as the naive sampler. `backend` (see
-    fastpixel.backend) picks who runs the per-pixel steps."""
-    if backend in ("triton", "cext"):  # the same step plan, run by Triton kernels or by the C++ engine
-        from .fused_step import FusedSteps, fused_sample_rows
-        steps_type = FusedSteps
-        if backend == "cext":
-            from .cext_step import CextSteps
-            steps_type = CextSteps
-        yield from fused_sample_rows(model, x, noise, labels, on_params, steps_type=steps_type)
-        return
-    net = CachedNetwork(model, x.shape[0], labels)
-    channels, height, width = x.shape[1:]
-    for r in range(height):
-        net.start_row(r)
-        for c in range(width):
-            params = net.step(r, c)
-            if on_params is not None:
-                on_params(r, c, params)
-            pixel = mixture.sample(params[:, :, None, None], noise=noise[:, :, r:r + 1, c:c + 1], channels=channels)
-            x[:, :, r, c] = pixel[:, :, 0, 0]
-            net.commit(r, c, pixel[:, :, 0, 0])
-        yield r

@@ -1,0 +1,73 @@
+"""The engines that run a cache's steps, one interface for all, and the loop that drives them.
+
+A cache (fastpixel/sampling/caches) holds a family's state while an image is drawn; an
+engine runs its steps. Every engine's steps object has the same shape:
+
+- `start_row(r)`: the row's work, once image rows < r are final;
+- `step(r, c)`: draw pixel (r, c) into the canvas, leaving its distribution's parameters in
+  `params` (mixture parameters (B, P), or logits (B, C, N) for the masked families);
+- `end_row(r)`: what the row leaves for the next one.
+
+The engines: `torch` (pytorch.py: the caches' own reference steps, everywhere), `triton`
+(fused.py: fused Triton launches replayed through CUDA graphs) and `cext` (cext.py: the
+C++ engine on the CPU). Which one runs is fastpixel.backend's decision; which steps an
+engine has for which cache is `ENGINES`, and which cache a family has is `CACHES`: adding
+an engine or a family is an entry in each table here, with no branch elsewhere.
+
+May import: fastpixel.models, fastpixel.kernels, fastpixel.extension (the C++ build).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+from ...models.families import family_of
+from ..caches.gated import CachedGated
+from ..caches.masked import CachedSampler
+from ..caches.pixelcnn import CachedPixelCNN
+from ..caches.pixelcnnpp import CachedNetwork
+from .cext import CextSteps, EnginePixels
+from .fused import FusedSteps
+from .pytorch import MaskedPixels, TorchSteps
+
+CACHES = {"pixelcnnpp": CachedNetwork, "pixelcnn": CachedPixelCNN, "gated": CachedGated}
+ENGINES = {
+    "torch": {CachedNetwork: TorchSteps, CachedSampler: MaskedPixels},
+    "triton": {CachedNetwork: FusedSteps},
+    "cext": {CachedNetwork: CextSteps, CachedSampler: EnginePixels},
+}
+
+
+def _steps_type(engine: str, cache: type) -> type | None:
+    return next((steps for kind, steps in ENGINES[engine].items() if issubclass(cache, kind)), None)
+
+
+def runs(engine: str, family: str) -> bool:
+    """Whether `engine` has steps for the family's cache."""
+    return _steps_type(engine, CACHES[family]) is not None
+
+
+def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None, engine: str = "torch",
+                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
+    """Fill the canvas x (B, C, H, W) in place through the model's cache, each step run by
+    `engine`; yield after each row. Same noise, same order, same draws as the naive sampler.
+    on_step(r, c, params) sees each pixel's distribution parameters."""
+    cache_type = CACHES[family_of(model).name]
+    steps_type = _steps_type(engine, cache_type)
+    if steps_type is None:
+        raise ValueError(f"the {engine} engine has no steps for {cache_type.__name__}")
+    height, width = x.shape[2:]
+    with torch.no_grad():
+        steps = steps_type(cache_type(model, x.shape[0], labels), x, noise)
+        for r in range(height):
+            # Triton launches on the current CUDA device: make it the model's (a no-op on the CPU)
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                steps.start_row(r)
+                for c in range(width):
+                    steps.step(r, c)
+                    if on_step is not None:
+                        on_step(r, c, steps.params)
+                steps.end_row(r)
+            yield r

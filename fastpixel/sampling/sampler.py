@@ -1,0 +1,122 @@
+"""`fastpixel.sample`: draw images from any family, naively (a full forward pass per pixel)
+or through its cache (fastpixel/sampling/caches) run by an engine (fastpixel/sampling/engines),
+honouring the noise contract (noise.py)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backend import ENV_VAR, choose
+from ..models.config import check_labels
+from ..models.families import FAMILIES, family_of
+from . import engines
+from .likelihood import eval_mode, to_uint8
+from .naive import naive_rows
+from .noise import DEFAULT_BATCH, check_fits, image_noise
+
+
+def sample(model, n: int, fast: bool = False, seed: int | None = None,
+           labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
+           batch_size: int | None = None, backend: str | None = None, first: int = 0) -> torch.Tensor:
+    """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype;
+    a prior over discrete codes (categorical_inputs) returns int64 codes (n, H, W).
+
+    fast=True uses the incremental activation cache; with the same seed it returns the
+    same images as the naive sampler (bit for bit in float64; in lower precision the two
+    compute the same parameters to rounding, so a draw that lands on a bin edge may differ).
+    Class-conditional models take one label per image (default: cycle through the classes
+    by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
+    cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
+    `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    fastpixel.backend (the masked families run "cext" or "torch"). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
+    so processes that split the indices together return one draw's images.
+    """
+    family = family_of(model).name
+    config = model.config
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if batch_size is None:
+        batch_size = min(max(n, 1), DEFAULT_BATCH)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_fits(config, n, min(batch_size, n))
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"first must be a non-negative int, got {first!r}")
+    labels = _labels_for(config, n, labels, first)
+    param = next(model.parameters())
+    name = resolve_backend(param.device, fast, backend, param.dtype, family)
+    if progress:
+        print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
+
+    codes = config.categorical_inputs
+    images = torch.empty((n, config.channels, *config.shape), dtype=torch.int64 if codes else torch.uint8)
+    height = config.shape[0]
+    with eval_mode(model), torch.no_grad(), tqdm(total=-(-n // batch_size) * height, unit="row",
+                                                   disable=not progress, desc="sampling") as bar:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            noise = torch.stack([image_noise(config, seed, first + i) for i in range(start, stop)]).to(param.device)
+            batch_labels = None if labels is None else labels[start:stop].to(param.device)
+            x = torch.zeros((stop - start, config.channels, *config.shape), dtype=torch.int64 if codes else param.dtype,
+                            device=param.device)
+            for _ in _rows(model, fast, name, x, noise, batch_labels):
+                bar.update(1)
+            images[start:stop] = x.cpu() if codes else to_uint8(x).cpu()
+    return images[:, 0] if codes else images
+
+
+def _rows(model, fast: bool, backend: str, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
+    """The sampler that fills the canvas x in place, yielding after each row."""
+    if not fast:
+        return naive_rows(model, x, noise, labels)
+    return engines.cached_rows(model, x, noise, labels, engine=backend)
+
+
+def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
+                    dtype: torch.dtype | None = None, family: str = "pixelcnnpp") -> str:
+    """The backend that sample(fast=fast, backend=requested) runs on `device` for a model of
+    `dtype` and `family` (fastpixel.backend.choose). Raises a ValueError (a
+    fastpixel.backend.BackendError when it cannot run here) before any work. An engine with
+    no steps for the family's cache (Triton has none for the masked families) is refused
+    when forced, and where the automatic choice would take it, the family takes "torch"."""
+    if fast:
+        forced = requested or os.environ.get(ENV_VAR)
+        if forced in engines.ENGINES and not engines.runs(forced, family):
+            served = " and ".join(f.title for f in FAMILIES.values() if engines.runs(forced, f.name))
+            able = " or ".join(f"'{name}'" for name in engines.ENGINES if engines.runs(name, family))
+            raise ValueError(f"backend {forced!r} serves {served} models only: the {family} family samples with "
+                             f"backend {able}")
+        name = choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
+        return name if engines.runs(name, family) else "torch"
+    if requested not in (None, "torch"):
+        raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
+                         "the naive sampler runs plain PyTorch layers")
+    if requested is None and os.environ.get(ENV_VAR):
+        choose(device, None, dtype)  # a bad $FASTPIXEL_BACKEND is an error here too
+    return "torch"
+
+
+def describe(fast: bool, backend: str, device: torch.device | str) -> str:
+    """Which sampler and backend a draw runs, in words (the progress line, the CLI's summary)."""
+    if fast:
+        return f"cached sampling, {backend} backend, on {device}"
+    return f"naive sampling (a full forward pass per pixel), {backend}, on {device}"
+
+
+def _labels_for(config, n: int, labels, first: int) -> torch.Tensor | None:
+    if labels is None:  # by global image index, so a process's slice gets the labels of a one-process draw
+        return None if config.num_classes is None else torch.arange(first, first + n) % config.num_classes
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 0:
+        labels = labels.expand(n)
+    check_labels(config, labels, n)
+    return labels.long()
