@@ -108,15 +108,22 @@ def nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -per_pixel.flatten(1).sum(dim=1)
 
 
+def log_prob(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log P(x_c | x_<c, context) per sub-pixel, (B, C, H, W): the chain rule inside each
+    pixel (mixture weights updated by the earlier channels); summed over a pixel's channels,
+    its joint log-probability."""
+    log_probs, log_weights = _component_log_probs(params, x)
+    # log P(x_<=c): mixture of the running products over channels; differences give conditionals.
+    joint = torch.logsumexp(log_weights.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # (B, C, H, W)
+    return joint - F.pad(joint, (0, 0, 0, 0, 1, 0))[:, :-1]
+
+
 def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) per image, (B,): the sum over sub-pixels of
     -(1 - P)^gamma log P, where P = P(x_c | x_<c, context) comes from the chain rule inside
     the pixel (mixture weights updated by the earlier channels). Equal to `nll` at gamma = 0."""
     check_gamma(gamma)
-    log_probs, log_weights = _component_log_probs(params, x)
-    # log P(x_<=c): mixture of the running products over channels; differences give conditionals.
-    joint = torch.logsumexp(log_weights.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # (B, C, H, W)
-    conditional = joint - F.pad(joint, (0, 0, 0, 0, 1, 0))[:, :-1]
+    conditional = log_prob(params, x)
     # clamp away from 0: (1 - P)^gamma has an infinite slope there for gamma < 1
     weight = (-torch.expm1(conditional)).clamp(min=torch.finfo(conditional.dtype).tiny) ** gamma
     return -(weight * conditional).flatten(1).sum(dim=1)

@@ -10,9 +10,9 @@
 
 May import: fastpixel.models, fastpixel.backend, fastpixel.extension, fastpixel.kernels.
 """
-from .likelihood import bits_per_dim, nll_sum, to_model_input, to_uint8
+from .likelihood import bits_per_dim, log_prob, nll_sum, to_model_input, to_uint8
 from .noise import DEFAULT_BATCH, check_fits, image_noise
 from .sampler import describe, resolve_backend, sample
 
-__all__ = ["sample", "bits_per_dim", "nll_sum", "image_noise", "to_model_input", "to_uint8", "resolve_backend",
+__all__ = ["sample", "bits_per_dim", "log_prob", "nll_sum", "image_noise", "to_model_input", "to_uint8", "resolve_backend",
            "describe", "check_fits", "DEFAULT_BATCH"]

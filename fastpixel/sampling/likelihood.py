@@ -50,6 +50,29 @@ def nll_sum(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
     """Total negative log-likelihood in nats of uint8 images (N, C, H, W) (or int codes
     (N, H, W)), in eval mode (sums from several processes add up, which bits_per_dim's
     averages would not)."""
+    total = 0.0
+    for output, x in _scored_batches(model, images_uint8, labels, batch_size, progress, "bits/dim"):
+        total += float(model.nll(output, x).double().sum())
+    return total
+
+
+@torch.no_grad()
+def log_prob(model, images_uint8: torch.Tensor | np.ndarray, labels=None, per_pixel: bool = False,
+             batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """The log-likelihood in nats of uint8 images (N, C, H, W) (or int codes (N, H, W)), in
+    eval mode: per image, (N,), or with per_pixel=True per sub-pixel, (N, C, H, W) (codes:
+    (N, H, W)), each the log-probability of that sub-pixel given everything before it in
+    raster order (colours in order within a pixel). A per-image number is the sum of its
+    map; -mean / ln 2 of the maps is bits_per_dim. float64 on the CPU."""
+    maps = torch.cat([model.log_prob(output, x).double().cpu()
+                      for output, x in _scored_batches(model, images_uint8, labels, batch_size, progress, "log p")])
+    if model.config.categorical_inputs:
+        maps = maps[:, 0]
+    return maps if per_pixel else maps.flatten(1).sum(1)
+
+
+def _scored_batches(model, images_uint8, labels, batch_size: int, progress: bool, desc: str):
+    """(forward's output, the x it scores) per batch of checked images, in eval mode."""
     images = torch.as_tensor(images_uint8)
     family_of(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -71,15 +94,13 @@ def nll_sum(model, images_uint8: torch.Tensor | np.ndarray, labels=None,
         labels = torch.as_tensor(labels)
     check_labels(config, labels, len(images))
     param = next(model.parameters())
-    total = 0.0
     with eval_mode(model):
-        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="bits/dim", unit="batch"):
+        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=desc, unit="batch"):
             chunk = images[start:start + batch_size].to(param.device)
             y = None if labels is None else labels[start:start + batch_size].to(param.device)
             if codes:
-                total += float(model.nll(model(chunk.long(), y), chunk.long()).double().sum())
+                yield model(chunk.long(), y), chunk.long()
                 continue
             # The likelihood is taken at the exact grid values; bf16 would round them off the grid.
             x = to_model_input(chunk, torch.promote_types(param.dtype, torch.float32))
-            total += float(model.nll(model(x.to(param.dtype), y), x).double().sum())
-    return total
+            yield model(x.to(param.dtype), y), x

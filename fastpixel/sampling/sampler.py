@@ -15,14 +15,15 @@ from ..backend import ENV_VAR, choose
 from ..models.config import check_labels
 from ..models.families import FAMILIES, family_of
 from . import engines
-from .likelihood import eval_mode, to_uint8
+from .likelihood import eval_mode, to_model_input, to_uint8
 from .naive import naive_rows
 from .noise import DEFAULT_BATCH, check_fits, image_noise
 
 
 def sample(model, n: int, fast: bool = False, seed: int | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
-           batch_size: int | None = None, backend: str | None = None, first: int = 0) -> torch.Tensor:
+           batch_size: int | None = None, backend: str | None = None, first: int = 0,
+           prefix: torch.Tensor | np.ndarray | None = None, keep: int | Sequence[int] | None = None) -> torch.Tensor:
     """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype;
     a prior over discrete codes (categorical_inputs) returns int64 codes (n, H, W).
 
@@ -35,6 +36,14 @@ def sample(model, n: int, fast: bool = False, seed: int | None = None,
     `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
     fastpixel.backend (the masked families run "cext" or "torch"). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
+
+    Completion: with `prefix`, uint8 images (n, C, H, W) (int codes (n, H, W) for a prior over
+    codes), and `keep`, an int or one per image in 0..H*W, image i keeps its prefix's first
+    keep[i] pixels in raster order (whole rows: rows * W) and draws the rest from the model's
+    exact conditional distribution, each drawn pixel with the noise it has in an unconditional
+    draw: completing a drawn image from its own prefix, with its seed, gives it back. The
+    known pixels go through the very steps sampling runs (teacher forcing), so they cost what
+    drawing them would. Families with fewer than 256 levels keep the prefix at their levels.
     """
     family = family_of(model).name
     config = model.config
@@ -53,6 +62,7 @@ def sample(model, n: int, fast: bool = False, seed: int | None = None,
         raise ValueError(f"first must be a non-negative int, got {first!r}")
     labels = _labels_for(config, n, labels, first)
     param = next(model.parameters())
+    known, keep = _prefix_for(model, n, prefix, keep, param.dtype)
     name = resolve_backend(param.device, fast, backend, param.dtype, family)
     if progress:
         print(f"fastpixel: {describe(fast, name, param.device)}", file=sys.stderr)
@@ -68,17 +78,21 @@ def sample(model, n: int, fast: bool = False, seed: int | None = None,
             batch_labels = None if labels is None else labels[start:stop].to(param.device)
             x = torch.zeros((stop - start, config.channels, *config.shape), dtype=torch.int64 if codes else param.dtype,
                             device=param.device)
-            for _ in _rows(model, fast, name, x, noise, batch_labels):
+            batch_known = None if known is None else (known[start:stop].to(param.device), keep[start:stop])
+            for _ in _rows(model, fast, name, x, noise, batch_labels, batch_known):
                 bar.update(1)
             images[start:stop] = x.cpu() if codes else to_uint8(x).cpu()
     return images[:, 0] if codes else images
 
 
-def _rows(model, fast: bool, backend: str, x: torch.Tensor, noise: torch.Tensor, labels) -> Iterator[int]:
-    """The sampler that fills the canvas x in place, yielding after each row."""
+def _rows(model, fast: bool, backend: str, x: torch.Tensor, noise: torch.Tensor, labels,
+          known: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[int]:
+    """The sampler that fills the canvas x in place, yielding after each row; `known` is
+    (prefix canvas, keep) or None."""
+    prefix, keep = (None, None) if known is None else known
     if not fast:
-        return naive_rows(model, x, noise, labels)
-    return engines.cached_rows(model, x, noise, labels, engine=backend)
+        return naive_rows(model, x, noise, labels, prefix, keep)
+    return engines.cached_rows(model, x, noise, labels, engine=backend, prefix=prefix, keep=keep)
 
 
 def resolve_backend(device: torch.device | str, fast: bool, requested: str | None = None,
@@ -110,6 +124,48 @@ def describe(fast: bool, backend: str, device: torch.device | str) -> str:
     if fast:
         return f"cached sampling, {backend} backend, on {device}"
     return f"naive sampling (a full forward pass per pixel), {backend}, on {device}"
+
+
+def _prefix_for(model, n: int, prefix, keep, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The prefix as the sampler's canvas (grid values in `dtype`, or int64 codes (n, 1, H, W))
+    and keep as (n,) int64, once both are checked; (None, None) without a prefix."""
+    config = model.config
+    if prefix is None or keep is None:
+        if prefix is not None or keep is not None:
+            raise ValueError("completion needs both prefix= (the known images) and keep= (how many pixels of each "
+                             "to keep, in raster order)")
+        return None, None
+    height, width = config.shape
+    if isinstance(prefix, np.ndarray):
+        prefix = torch.from_numpy(prefix)
+    if config.categorical_inputs:
+        expected = f"integer codes ({n}, {height}, {width}) in 0..{config.color_levels - 1}"
+        if (not isinstance(prefix, torch.Tensor) or prefix.is_floating_point() or prefix.is_complex()
+                or prefix.dtype == torch.bool or tuple(prefix.shape) != (n, height, width)):
+            raise ValueError(f"prefix must hold {expected}, got {_described(prefix)}")
+        if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= config.color_levels):
+            raise ValueError(f"prefix must hold {expected}, got codes from {int(prefix.min())} to {int(prefix.max())}")
+        canvas = prefix[:, None].long()
+    else:
+        expected = (n, config.channels, height, width)
+        if not isinstance(prefix, torch.Tensor) or prefix.dtype != torch.uint8 or tuple(prefix.shape) != expected:
+            raise ValueError(f"prefix must be uint8 images of shape {expected}, got {_described(prefix)}")
+        canvas = to_model_input(prefix, dtype)
+        if hasattr(model, "levels"):  # a family with its own levels keeps the prefix at them
+            canvas = model.canvas_values(model.levels(canvas), dtype)
+    keep = torch.as_tensor(keep)
+    if keep.dim() == 0:
+        keep = keep.expand(n)
+    if keep.is_floating_point() or keep.dtype == torch.bool or keep.shape != (n,):
+        raise ValueError(f"keep must be an int or {n} ints (one per image), got {_described(keep)}")
+    if n and (int(keep.min()) < 0 or int(keep.max()) > height * width):
+        raise ValueError(f"keep must lie in 0..{height * width} (pixels of a {height}x{width} image, raster order), "
+                         f"got values from {int(keep.min())} to {int(keep.max())}")
+    return canvas, keep.long()
+
+
+def _described(value) -> str:
+    return f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _labels_for(config, n: int, labels, first: int) -> torch.Tensor | None:

@@ -40,12 +40,16 @@ def scaled(level: torch.Tensor, n_levels: int, dtype: torch.dtype) -> torch.Tens
 def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood in nats per image, (B,), of integer levels `target` (B, C, H, W)
     under logits (B, C, N, H, W)."""
+    return -log_prob(logits, target).flatten(1).sum(1)
+
+
+def log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log P of each integer level of `target` (B, C, H, W) under logits (B, C, N, H, W), (B, C, H, W)."""
     if logits.dim() != 5 or target.shape != (logits.shape[0], logits.shape[1], *logits.shape[3:]):
         raise ValueError(f"logits (B, C, N, H, W) and levels (B, C, H, W) do not fit: "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are scored in float32
-    per_subpixel = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    return per_subpixel.flatten(1).sum(1)
+    return -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
 
 
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

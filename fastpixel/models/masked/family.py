@@ -191,6 +191,10 @@ class MaskedFamily(nn.Module):
         """Negative log-likelihood in nats per image, (B,), of x under forward's output."""
         return categorical.nll(output, self.levels(x))
 
+    def log_prob(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log P of each sub-pixel of x given what precedes it, (B, C, H, W), under forward's output."""
+        return categorical.log_prob(output, self.levels(x))
+
     def draw(self, output: torch.Tensor, noise: torch.Tensor, canvas: torch.Tensor, channel: int) -> torch.Tensor:
         """canvas (B, C, 1, 1) with `channel` drawn from output (B, C, N, 1, 1) with noise (B, C, 1, 1)."""
         level = categorical.draw(output[:, channel], noise[:, channel])

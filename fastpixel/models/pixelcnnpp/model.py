@@ -117,6 +117,10 @@ class PixelCNNpp(nn.Module):
         (the interface every family gives the trainer and bits_per_dim)."""
         return mixture.nll(output, x)
 
+    def log_prob(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log P of each sub-pixel of x given what precedes it, (B, C, H, W), under forward's output."""
+        return mixture.log_prob(output, x)
+
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
         """The image plus a channel of ones (so zero padding differs from black) and, with
         CoordConv, the row and column coordinates in [-1, 1]."""

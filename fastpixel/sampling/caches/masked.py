@@ -217,6 +217,16 @@ class CachedSampler:
                                relu_a=True, epilogue="relu"),
             out.product(c, self.hidden, Runs.of(self.logits[:, c]))] for c in range(colours)]
 
+    def take(self, c: int, j: int, level: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Colour c of the pixel at column j is `level` (B,), or for the images `known` names
+        (images (B,) bool, canvas values (B, C)) the known one: into the row's levels and the
+        first layer's input."""
+        if known is not None:
+            which, values = known
+            level = torch.where(which, self.model.levels(values[:, :, None, None])[:, c, 0, 0], level)
+        self.levels[:, c, j] = level
+        self.features[c].at(j).copy_(self.table[level])
+
     def write_row(self, x: torch.Tensor, i: int) -> None:
         """Row i of the canvas x (B, C, H, W) from the row's drawn levels."""
         x[:, :, i] = self.model.canvas_values(self.levels, x.dtype)

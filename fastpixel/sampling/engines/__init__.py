@@ -4,8 +4,11 @@ A cache (fastpixel/sampling/caches) holds a family's state while an image is dra
 engine runs its steps. Every engine's steps object has the same shape:
 
 - `start_row(r)`: the row's work, once image rows < r are final;
-- `step(r, c)`: draw pixel (r, c) into the canvas, leaving its distribution's parameters in
-  `params` (mixture parameters (B, P), or logits (B, C, N) for the masked families);
+- `step(r, c, known=None)`: draw pixel (r, c) into the canvas, leaving its distribution's
+  parameters in `params` (mixture parameters (B, P), or logits (B, C, N) for the masked
+  families); with `known` = (images (B,) bool, values (B, C) on the canvas), the images
+  named take the known values instead of their draws (teacher forcing: completion from a
+  prefix, and the codec's encoder, run the very steps sampling runs);
 - `end_row(r)`: what the row leaves for the next one.
 
 The engines: `torch` (pytorch.py: the caches' own reference steps, everywhere), `triton`
@@ -50,15 +53,19 @@ def runs(engine: str, family: str) -> bool:
 
 
 def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None, engine: str = "torch",
-                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator[int]:
+                on_step: Callable[[int, int, torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> Iterator[int]:
     """Fill the canvas x (B, C, H, W) in place through the model's cache, each step run by
     `engine`; yield after each row. Same noise, same order, same draws as the naive sampler.
-    on_step(r, c, params) sees each pixel's distribution parameters."""
+    on_step(r, c, params) sees each pixel's distribution parameters. With `prefix` (a canvas
+    like x) and `keep` (B,) int64, image b's pixel p (raster order) is the prefix's while
+    p < keep[b], and drawn with its own noise after."""
     cache_type = CACHES[family_of(model).name]
     steps_type = _steps_type(engine, cache_type)
     if steps_type is None:
         raise ValueError(f"the {engine} engine has no steps for {cache_type.__name__}")
     height, width = x.shape[2:]
+    known_until = 0 if prefix is None or not keep.numel() else int(keep.max())
     with torch.no_grad():
         steps = steps_type(cache_type(model, x.shape[0], labels), x, noise)
         for r in range(height):
@@ -66,7 +73,8 @@ def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tenso
             with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
                 steps.start_row(r)
                 for c in range(width):
-                    steps.step(r, c)
+                    p = r * width + c
+                    steps.step(r, c, (keep.to(x.device) > p, prefix[:, :, r, c]) if p < known_until else None)
                     if on_step is not None:
                         on_step(r, c, steps.params)
                 steps.end_row(r)

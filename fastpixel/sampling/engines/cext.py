@@ -262,16 +262,26 @@ class CextSteps:
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
         self.plan = FusedSteps(net, x, noise)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
-        steps = [engine_call(self.plan.step_launches[due], x.dtype) for due in range(1, LEVELS + 1)]
+        launches = [self.plan.step_launches[due] for due in range(1, LEVELS + 1)]
+        steps = [engine_call(plan, x.dtype) for plan in launches]
         # a pixel's step depends on (r, c) mod 4 alone: looked up, not worked out, at each pixel
         self._steps = [[steps[step_pattern(r, c) - 1] for c in range(_PERIOD)] for r in range(_PERIOD)]
+        # with known pixels: the step up to its draw, then (after the known values are taken) the rest
+        after = self.plan._after_draw
+        self._halves = [(engine_call(plan[:-after], x.dtype), engine_call(plan[-after:], x.dtype)) for plan in launches]
         self._rows = _RowOps(net, self.plan.left_term)
 
     def start_row(self, r: int) -> None:
         self._rows(r)
 
-    def step(self, r: int, c: int) -> None:
-        self._steps[r % _PERIOD][c % _PERIOD]()
+    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if known is None:
+            self._steps[r % _PERIOD][c % _PERIOD]()
+            return
+        up_to_draw, rest = self._halves[step_pattern(r, c) - 1]
+        up_to_draw()
+        self.plan.take_known(r, c, known)
+        rest()
 
     def end_row(self, r: int) -> None:
         """Nothing: every buffer a row fills was written by its steps."""
@@ -303,15 +313,15 @@ class EnginePixels(MaskedPixels):
         self.noise = noise.to(torch.float64).contiguous()
         batch = len(self.noise)
         head = [self.position, self.width, batch]
-        ops = []
+        ops = []  # per colour: its products, then its draw
         for c, plan in enumerate(sampler.plan):
-            ops += [pack_op(_PRODUCT, head + self._product(p), slots) for p in plan]
             levels = sampler.levels[:, c]
-            ops.append(pack_op(_DRAW, head + [
+            ops.append([pack_op(_PRODUCT, head + self._product(p), slots) for p in plan] + [pack_op(_DRAW, head + [
                 sampler.logits[:, c], sampler.logits.stride(0), sampler.logits.shape[2],
                 self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
-                levels.data_ptr(), levels.stride(0), levels.stride(1)], slots))
-        self.call = OpList(run, ops, [self.noise, sampler])
+                levels.data_ptr(), levels.stride(0), levels.stride(1)], slots)])
+        self.call = OpList(run, [op for colour in ops for op in colour], [self.noise, sampler])
+        self.colour_calls = [OpList(run, colour, [self.noise, sampler]) for colour in ops]  # for known pixels
 
     @staticmethod
     def _product(p: Product) -> list:
@@ -321,7 +331,12 @@ class EnginePixels(MaskedPixels):
         return [*_runs(p.a), p.relu_a, p.weight, p.weight.shape[1], *_runs(p.init), p.bias,
                 EPILOGUES.index(p.epilogue), *_runs(p.out)]
 
-    def step(self, i: int, j: int) -> None:
+    def step(self, i: int, j: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self._position[0] = i * self.width + j
-        self.call()
+        if known is None:
+            self.call()
+            return
+        for c, call in enumerate(self.colour_calls):  # each colour drawn, then the known values taken
+            call()
+            self.sampler.take(c, j, self.sampler.levels[:, c, j], known)
 

@@ -55,6 +55,7 @@ class FusedSteps:
         up, ups = self._up_pass()
         down = self._down_pass(ups)
         finish = self._finish(noise)
+        self._after_draw = len(finish) - 1  # the launches that follow the draw (SamplePixel comes first)
         # Every launch of a step at which the `due` finest levels are computed, in order.
         self.step_launches = {due: [launch for level in range(due) for launch in up[level]]
                               + [launch for level in reversed(range(due)) for launch in down[level]] + finish
@@ -143,7 +144,7 @@ class FusedSteps:
         net, pos, width = self.net, self.position, self.width
         channels = self.image.shape[1]
         features = self._buffer(net.constant_features.shape[-1] + channels)
-        pixel = self._buffer(channels)
+        pixel = self.pixel = self._buffer(channels)
         constants = net.constant_features.flatten(0, 1).contiguous()[None]  # (1, H * W, n): read at p
         launches: list[Launch] = [
             SamplePixel(self.params, noise.flatten(2), pos, channels, pixel, self.image.flatten(2)),
@@ -168,10 +169,26 @@ class FusedSteps:
 
         self._graphs.run(("row", r == 0, _due_levels(r)), work)
 
-    def step(self, r: int, c: int) -> None:
-        """Pixel (r, c); the device position must already point at it (it does, in raster order)."""
+    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Pixel (r, c); the device position must already point at it (it does, in raster order).
+        A step with `known` pixels runs launch by launch, the known values replacing the draw."""
         due = step_pattern(r, c)
-        self._graphs.run(("step", due), lambda: self._run(due))
+        if known is None:
+            self._graphs.run(("step", due), lambda: self._run(due))
+            return
+        launches = self.step_launches[due]
+        for launch in launches[:-self._after_draw]:
+            launch()
+        self.take_known(r, c, known)
+        for launch in launches[-self._after_draw:]:
+            launch()
+
+    def take_known(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """After the draw: the images `known` names take its values, in the pixel the input
+        layers read next and in the image."""
+        which, values = known
+        self.pixel.copy_(torch.where(which[:, None], values.to(self.pixel.dtype), self.pixel))
+        self.image[:, :, r, c] = self.pixel
 
     def end_row(self, r: int) -> None:
         """Nothing: every buffer a row fills was written by its steps."""

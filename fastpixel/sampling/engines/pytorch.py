@@ -21,10 +21,13 @@ class TorchSteps:
     def start_row(self, r: int) -> None:
         self.net.start_row(r)
 
-    def step(self, r: int, c: int) -> None:
+    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.params = self.net.step(r, c)
         here = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
         pixel = mixture.sample(self.params[:, :, None, None], noise=self.noise[here], channels=self.image.shape[1])
+        if known is not None:
+            which, values = known
+            pixel = torch.where(which[:, None, None, None], values[:, :, None, None].to(pixel.dtype), pixel)
         self.image[here] = pixel
         self.net.commit(r, c, pixel[:, :, 0, 0])
 
@@ -43,14 +46,12 @@ class MaskedPixels:
     def start_row(self, r: int) -> None:
         self.sampler.start_row()
 
-    def step(self, i: int, j: int) -> None:
+    def step(self, i: int, j: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         s = self.sampler
         for c, plan in enumerate(s.plan):
             for product in plan:
                 product(j)
-            level = categorical.draw(s.logits[:, c], self.noise[:, c, i, j])
-            s.levels[:, c, j] = level
-            s.features[c].at(j).copy_(s.table[level])
+            s.take(c, j, categorical.draw(s.logits[:, c], self.noise[:, c, i, j]), known)
 
     def end_row(self, r: int) -> None:
         self.sampler.end_row()
