@@ -2,6 +2,14 @@
 
     python -m fastpixel.sample --fast --checkpoint run/model.safetensors -n 16 --seed 0
     torchrun --standalone --nproc_per_node 4 -m fastpixel.sample --fast -n 1024 --npy grid.npy
+    python -m fastpixel.sample --fast --complete mnist:test:0-7 --keep_rows 14 -n 6 --data_dir data
+
+With `--complete SOURCE` (a .npy array, a .png picture or a folder of them, or
+DATASET:SPLIT:FIRST-LAST indices into --data_dir) each source image keeps its first
+`--keep_rows` rows and `-n` completions are drawn for it from the model's exact conditional
+distribution; the grid shows, per source image, the original, the occluded input (the rows
+to draw in grey) and the completions. Class-conditional models complete a data set's
+images with their true labels unless --label says otherwise.
 
 Under `torchrun` each process draws a contiguous share of the image indices; since image i
 depends only on (seed, i), rank 0 gathers the shares into the very images one process
@@ -28,6 +36,7 @@ from . import sampling
 from .backend import NAMES
 from .io.checkpoint import bundled_models, load, write_atomically
 from .io.grid import class_columns, save_grid
+from .io.sources import SourceError, read_source
 from .models.families import family_of
 from .usage import UsageError, check_writable, interrupts_raise, report
 
@@ -41,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="mnist",
                         help=f"a bundled model ({', '.join(bundled_models())}; default mnist), a file written by "
                              "fastpixel.save, or a training save_dir")
-    parser.add_argument("-n", "--num-samples", type=int, default=16, help="how many images (default 16)")
+    parser.add_argument("-n", "--num-samples", type=int, default=16,
+                        help="how many images, or with --complete completions per source image (default 16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
     parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
@@ -50,6 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     parser.add_argument("--npy", default=None,
                         help="also save the raw uint8 array (N, C, H, W) here (code maps: int64 (N, H, W), only here)")
+    parser.add_argument("--complete", default=None, metavar="SOURCE",
+                        help="complete these images instead of drawing from scratch: a .npy array (uint8 (N, C, H, W) "
+                             "or (N, H, W)), a .png picture or a folder of them, or DATASET:SPLIT:FIRST-LAST (e.g. "
+                             "mnist:test:0-7) read from --data_dir")
+    parser.add_argument("--keep_rows", "--keep-rows", type=int, default=None,
+                        help="with --complete: the rows of each source image kept; the rest are drawn")
+    parser.add_argument("--data_dir", "--data-dir", default="data",
+                        help="where --complete finds DATASET:SPLIT:FIRST-LAST (default data)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--backend", choices=["auto", *NAMES], default="auto",
                         help="who runs the cached sampler's steps (default auto: $FASTPIXEL_BACKEND, else the fastest here)")
@@ -64,9 +82,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch: int) -> tuple[torch.nn.Module, str]:
-    """Check everything a draw in batches of (at most) `batch` images needs and load the
-    model; return it and the backend that will run."""
+def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world: int) -> tuple[torch.nn.Module, str, int]:
+    """Check everything the draw needs and load the model (and, with --complete, the source
+    images into args.source); return the model, the backend that will run and every rank's
+    largest batch."""
     if args.num_samples <= 0:
         raise UsageError(f"-n/--num-samples must be positive, got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
@@ -88,26 +107,39 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, batch:
         raise UsageError("--label was given, but this model is not class-conditional")
     if args.label is not None and not 0 <= args.label < num_classes:
         raise UsageError(f"--label must lie in 0..{num_classes - 1}, got {args.label}")
+    if args.complete is not None:
+        args.source = _completion_source(args, model)
+    elif args.keep_rows is not None:
+        raise UsageError("--keep_rows applies to --complete SOURCE")
+    batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-_total(args) // world)))
     try:  # the images, their gathered copy under torchrun and the grid
-        sampling.check_fits(model.config, args.num_samples, batch, copies=3)
+        sampling.check_fits(model.config, _total(args), batch, copies=3)
         backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype,
                                            family_of(model).name)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND
         raise UsageError(str(err)) from None
-    return model, backend
+    return model, backend, batch
 
 
 def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: int = 1) -> str | None:
     """Draw this rank's share of the images; on rank 0, gather all, write them and return the summary."""
-    n = args.num_samples
+    args.source = None
+    model, backend, batch = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0, world=world))
+    n = _total(args)
     # Rounding the bounds up gives rank 0, whose progress bar is shown, the largest share.
     first, stop = -(-rank * n // world), -(-(rank + 1) * n // world)
-    batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-n // world)))  # every rank's largest batch
-    model, backend = _on_every_rank(world, lambda: prepare(args, device, writer=rank == 0, batch=batch))
     start = time.perf_counter()
-    images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=args.label,
+    completion = {}
+    labels = args.label
+    if args.source is not None:  # completion j of source image s is image s * per_source + j
+        per_source = args.num_samples
+        completion = dict(prefix=args.source.images.repeat_interleave(per_source, 0)[first:stop],
+                          keep=args.keep_rows * model.config.shape[1])
+        if labels is None and args.source.labels is not None and model.config.num_classes is not None:
+            labels = args.source.labels.repeat_interleave(per_source, 0)[first:stop]
+    images = sampling.sample(model, stop - first, fast=args.fast, seed=args.seed, labels=labels,
                              progress=rank == 0, batch_size=batch, backend=backend if args.fast else None,
-                             first=first)
+                             first=first, **completion)
     if world > 1:
         shares = [None] * world if rank == 0 else None
         dist.gather_object(images, shares, dst=0)
@@ -116,14 +148,54 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
         images = torch.cat(shares)
     seconds = time.perf_counter() - start
     written = args.npy if _codes(model) else args.out
-    if not _codes(model):
+    if not _codes(model) and args.source is not None:
+        grid, columns = _completion_grid(args.source.images, images, args.keep_rows)
+        save_grid(grid, args.out, columns)
+    elif not _codes(model):
         cycled = args.label is None  # the default labels cycle through the classes
         save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None)
     if args.npy is not None:
         write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
     processes = f", {world} processes" if world > 1 else ""
-    return (f"wrote {written}: {n} {'code maps' if _codes(model) else 'images'} in {seconds:.2f} s "
+    what = f"{n} {'code maps' if _codes(model) else 'images'}"
+    if args.source is not None:
+        what = (f"{args.num_samples} completions of each of {len(args.source.images)} {'maps' if _codes(model) else 'images'} "
+                f"(first {args.keep_rows} rows kept)")
+    return (f"wrote {written}: {what} in {seconds:.2f} s "
             f"({n / seconds:.2f} images/s; {sampling.describe(args.fast, backend, device)}{processes})")
+
+
+def _total(args: argparse.Namespace) -> int:
+    """Images drawn: -n, or -n completions of each source image."""
+    return args.num_samples * (1 if args.source is None else len(args.source.images))
+
+
+def _completion_source(args: argparse.Namespace, model):
+    """The --complete images, checked against the model and --keep_rows."""
+    try:
+        source = read_source(args.complete, args.data_dir)
+    except (SourceError, OSError, ValueError) as err:  # a DataError too
+        raise UsageError(f"--complete {err}") from None
+    config = model.config
+    height = config.shape[0]
+    expected = tuple(config.shape) if _codes(model) else (config.channels, *config.shape)
+    if tuple(source.images.shape[1:]) != expected:
+        raise UsageError(f"--complete {args.complete}: its images have shape {tuple(source.images.shape[1:])}, and "
+                         f"this model's have {expected}")
+    if args.keep_rows is None or not 0 <= args.keep_rows <= height:
+        raise UsageError(f"--complete needs --keep_rows in 0..{height} (the rows of each image to keep)")
+    return source
+
+
+def _completion_grid(sources: torch.Tensor, completions: torch.Tensor, keep_rows: int) -> tuple[torch.Tensor, int]:
+    """Per source image a row: the original, the occluded input (the rows to draw in grey),
+    then its completions; and the grid's column count."""
+    per_source = len(completions) // len(sources)
+    occluded = sources.clone()
+    occluded[:, :, keep_rows:] = 128
+    rows = [torch.cat([sources[s:s + 1], occluded[s:s + 1], completions[s * per_source:(s + 1) * per_source]])
+            for s in range(len(sources))]
+    return torch.cat(rows), per_source + 2
 
 
 def _codes(model) -> bool:

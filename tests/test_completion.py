@@ -6,15 +6,21 @@ the same steps), so: a drawn image completed from its own prefix with its own se
 back exactly; every engine and the naive sampler give the same completions; and the
 completions follow the model's exact conditional distribution, computed here by enumeration."""
 import itertools
+import json
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fastpixel
+import fastpixel.io.data
 from fastpixel.models.masked import categorical
 from tests.conftest import tiny_model
-from tests.test_masked_families import BACKENDS, OPTIONS, labels_for, tiny
+from tests.test_masked_families import OPTIONS, labels_for, tiny
 
 MASKED = [(family, option) for family in ("pixelcnn", "gated") for option in ("grey-4", "rgb-4-labels", "codes-300-labels")]
 
@@ -138,3 +144,70 @@ def test_bad_codes_prefix_is_one_clear_error():
     model = tiny("pixelcnn", **OPTIONS["codes-300-labels"])
     with pytest.raises(ValueError, match="codes \\(1, 5, 6\\) in 0..299, got codes from 300 to 300"):
         fastpixel.sample(model, 1, fast=True, labels=[0], prefix=torch.full((1, 5, 6), 300), keep=2)
+
+
+# ------------------------------------------------------------------------------------ command lines
+def run_cli(module, *args, cwd):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_sample_complete_keeps_the_rows_and_lays_out_original_occluded_completions(checkpoint, tmp_path):
+    model = fastpixel.load(checkpoint)
+    source = fastpixel.sample(model, 2, fast=True, seed=7, labels=[0, 1])
+    np.save(tmp_path / "source.npy", source.numpy())
+    out = run_cli("fastpixel.sample", "--fast", "--checkpoint", checkpoint, "--complete", "source.npy", "--keep_rows", 3,
+                  "-n", 2, "--npy", "done.npy", "--out", "grid.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "wrote grid.png: 2 completions of each of 2 images (first 3 rows kept)" in out.stdout
+    done = torch.from_numpy(np.load(tmp_path / "done.npy"))
+    assert done.shape == (4, 1, 8, 12)
+    assert torch.equal(done[:, :, :3], source.repeat_interleave(2, 0)[:, :, :3])
+    # completion j of source image s is image s * 2 + j of the seed's sequence, labels cycling by that index
+    assert torch.equal(done, fastpixel.sample(model, 4, fast=True, seed=0, prefix=source.repeat_interleave(2, 0),
+                                              keep=3 * 12))
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 10 + 2, 4 * 14 + 2)  # per source: original, occluded, 2 completions
+    occluded = grid[2:10, 16:28]
+    assert (occluded[3:] == 128).all() and np.array_equal(occluded[:3], source[0, 0, :3].numpy())
+
+
+def test_sample_complete_reads_a_data_set_and_its_labels(mnist_dir, tmp_path):
+    out = run_cli("fastpixel.sample", "--fast", "--checkpoint", "mnist-cond", "--complete", "mnist:test:3-4",
+                  "--data_dir", mnist_dir, "--keep_rows", 28, "-n", 1, "--npy", "done.npy", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    test = fastpixel.io.data.load_dataset("mnist", mnist_dir, "test", download=False)
+    assert np.array_equal(np.load(tmp_path / "done.npy"), test.images[3:5].numpy())  # every row kept
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--complete", "source.npy"], "--complete needs --keep_rows in 0..8"),
+    (["--complete", "source.npy", "--keep_rows", "9"], "--complete needs --keep_rows in 0..8"),
+    (["--keep_rows", "2"], "--keep_rows applies to --complete SOURCE"),
+    (["--complete", "wide.npy", "--keep_rows", "2"], "its images have shape (1, 8, 13), and this model's have (1, 8, 12)"),
+    (["--complete", "missing.npy", "--keep_rows", "2"], "no such file or folder"),
+    (["--complete", "mnist:test:0-3", "--keep_rows", "2"], "MNIST test files are missing"),
+])
+def test_bad_completion_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, args, message):
+    np.save(tmp_path / "source.npy", np.zeros((2, 1, 8, 12), np.uint8))
+    np.save(tmp_path / "wide.npy", np.zeros((2, 1, 8, 13), np.uint8))
+    before = set(tmp_path.iterdir())
+    out = run_cli("fastpixel.sample", "--fast", "--checkpoint", checkpoint, "--data_dir", tmp_path, *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_eval_writes_per_image_scores_and_a_heat_map(mnist_dir, tmp_path):
+    out = run_cli("fastpixel.eval", "--checkpoint", "mnist", "--data_set", "mnist", "--data_dir", mnist_dir,
+                  "--max_images", 5, "--per_image", "scores.npy", "--heatmap", "heat.png", "--heatmap_images", 3,
+                  "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    test = fastpixel.io.data.load_dataset("mnist", mnist_dir, "test", download=False)
+    scores = np.load(tmp_path / "scores.npy")
+    model = fastpixel.load("mnist")
+    expected = -fastpixel.log_prob(model, test.images[:5]).numpy() / (28 * 28 * math.log(2))
+    assert scores.shape == (5,) and scores.dtype == np.float64 and np.allclose(scores, expected, rtol=0, atol=1e-9)
+    reported = json.loads((tmp_path / "r.json").read_text())["bits_per_dim"]
+    assert abs(reported - scores.mean()) < 1e-9
+    assert abs(reported - fastpixel.bits_per_dim(model, test.images[:5])) < 1e-6  # float32 sums, in another order
+    assert Image.open(tmp_path / "heat.png").size[0] > 200
