@@ -217,13 +217,9 @@ class CachedSampler:
                                relu_a=True, epilogue="relu"),
             out.product(c, self.hidden, Runs.of(self.logits[:, c]))] for c in range(colours)]
 
-    def take(self, c: int, j: int, level: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Colour c of the pixel at column j is `level` (B,), or for the images `known` names
-        (images (B,) bool, canvas values (B, C)) the known one: into the row's levels and the
+    def take(self, c: int, j: int, level: torch.Tensor) -> None:
+        """Colour c of the pixel at column j is `level` (B,): into the row's levels and the
         first layer's input."""
-        if known is not None:
-            which, values = known
-            level = torch.where(which, self.model.levels(values[:, :, None, None])[:, c, 0, 0], level)
         self.levels[:, c, j] = level
         self.features[c].at(j).copy_(self.table[level])
 

@@ -6,9 +6,10 @@ engine runs its steps. Every engine's steps object has the same shape:
 - `start_row(r)`: the row's work, once image rows < r are final;
 - `step(r, c, known=None)`: draw pixel (r, c) into the canvas, leaving its distribution's
   parameters in `params` (mixture parameters (B, P), or logits (B, C, N) for the masked
-  families); with `known` = (images (B,) bool, values (B, C) on the canvas), the images
-  named take the known values instead of their draws (teacher forcing: completion from a
-  prefix, and the codec's encoder, run the very steps sampling runs);
+  families). Built with a `prefix` (a canvas like the image), a step can take the prefix's
+  pixel instead of a draw: for every image (`known=True`; no draw is made) or for the images
+  a (B,) bool tensor names. This is teacher forcing: completion from a prefix runs the very
+  steps sampling runs, and the parameters at a known pixel are those of a full forward pass;
 - `end_row(r)`: what the row leaves for the next one.
 
 The engines: `torch` (pytorch.py: the caches' own reference steps, everywhere), `triton`
@@ -65,16 +66,21 @@ def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tenso
     if steps_type is None:
         raise ValueError(f"the {engine} engine has no steps for {cache_type.__name__}")
     height, width = x.shape[2:]
-    known_until = 0 if prefix is None or not keep.numel() else int(keep.max())
+    all_known = any_known = 0  # pixels p < all_known are known in every image, p < any_known in some
+    if prefix is not None and keep.numel():
+        all_known, any_known = int(keep.min()), int(keep.max())
+        known = torch.arange(height * width) < keep[:, None]  # (B, H * W)
+        x.copy_(torch.where(known.view(-1, 1, height, width).to(x.device), prefix, x))
+        keep = keep.to(x.device)
     with torch.no_grad():
-        steps = steps_type(cache_type(model, x.shape[0], labels), x, noise)
+        steps = steps_type(cache_type(model, x.shape[0], labels), x, noise, prefix)
         for r in range(height):
             # Triton launches on the current CUDA device: make it the model's (a no-op on the CPU)
             with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
                 steps.start_row(r)
                 for c in range(width):
                     p = r * width + c
-                    steps.step(r, c, (keep.to(x.device) > p, prefix[:, :, r, c]) if p < known_until else None)
+                    steps.step(r, c, True if p < all_known else keep > p if p < any_known else None)
                     if on_step is not None:
                         on_step(r, c, steps.params)
                 steps.end_row(r)

@@ -255,30 +255,37 @@ class CextSteps:
     """PixelCNN++'s cached sampler run by the C++ engine, row by row and pixel by pixel
     (the engines' Steps, as FusedSteps)."""
 
-    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None = None):
         if x.dtype not in _DTYPES:
             raise ValueError(f"the C++ engine runs float32 and float64 models, not {x.dtype}")
         if x.device.type != "cpu":
             raise ValueError(f"the C++ engine runs on the CPU, and the model is on {x.device}")
-        self.plan = FusedSteps(net, x, noise)  # keeps every buffer the ops point at alive
+        self.plan = FusedSteps(net, x, noise, prefix)  # keeps every buffer the ops point at alive
         self.params = self.plan.params
         launches = [self.plan.step_launches[due] for due in range(1, LEVELS + 1)]
-        steps = [engine_call(plan, x.dtype) for plan in launches]
         # a pixel's step depends on (r, c) mod 4 alone: looked up, not worked out, at each pixel
-        self._steps = [[steps[step_pattern(r, c) - 1] for c in range(_PERIOD)] for r in range(_PERIOD)]
-        # with known pixels: the step up to its draw, then (after the known values are taken) the rest
-        after = self.plan._after_draw
-        self._halves = [(engine_call(plan[:-after], x.dtype), engine_call(plan[-after:], x.dtype)) for plan in launches]
+        self._steps = self._by_position([engine_call(plan, x.dtype) for plan in launches])
+        if prefix is not None:  # steps with the prefix's pixel for every image; and, for some, split at the draw
+            self._known = self._by_position([engine_call(self.plan.known_launches[due], x.dtype)
+                                             for due in range(1, LEVELS + 1)])
+            after = self.plan._after_draw
+            self._halves = self._by_position([(engine_call(plan[:-after], x.dtype), engine_call(plan[-after:], x.dtype))
+                                              for plan in launches])
         self._rows = _RowOps(net, self.plan.left_term)
+
+    @staticmethod
+    def _by_position(per_pattern: list) -> list[list]:
+        """What each (r mod 4, c mod 4) runs, from what each step pattern runs."""
+        return [[per_pattern[step_pattern(r, c) - 1] for c in range(_PERIOD)] for r in range(_PERIOD)]
 
     def start_row(self, r: int) -> None:
         self._rows(r)
 
-    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        if known is None:
-            self._steps[r % _PERIOD][c % _PERIOD]()
+    def step(self, r: int, c: int, known: torch.Tensor | bool | None = None) -> None:
+        if known is None or known is True:
+            (self._steps if known is None else self._known)[r % _PERIOD][c % _PERIOD]()
             return
-        up_to_draw, rest = self._halves[step_pattern(r, c) - 1]
+        up_to_draw, rest = self._halves[r % _PERIOD][c % _PERIOD]
         up_to_draw()
         self.plan.take_known(r, c, known)
         rest()
@@ -300,8 +307,8 @@ class EnginePixels(MaskedPixels):
     """A masked family's cached sampler with every colour's sub-step of a pixel, draws and
     feature writes included, in one call into the engine; rows as MaskedPixels."""
 
-    def __init__(self, sampler: CachedSampler, x: torch.Tensor, noise: torch.Tensor):
-        super().__init__(sampler, x, noise)
+    def __init__(self, sampler: CachedSampler, x: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None = None):
+        super().__init__(sampler, x, noise, prefix)
         dtype = sampler.logits.dtype
         if dtype not in (torch.float32, torch.float64) or sampler.logits.device.type != "cpu":
             raise ValueError(f"the C++ engine runs float32 and float64 models on the CPU, not {dtype} on "
@@ -321,7 +328,9 @@ class EnginePixels(MaskedPixels):
                 self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
                 levels.data_ptr(), levels.stride(0), levels.stride(1)], slots)])
         self.call = OpList(run, [op for colour in ops for op in colour], [self.noise, sampler])
-        self.colour_calls = [OpList(run, colour, [self.noise, sampler]) for colour in ops]  # for known pixels
+        # known pixels: a colour at a time, with its draw (some images known) or without (all)
+        self.colour_calls = [OpList(run, colour, [self.noise, sampler]) for colour in ops]
+        self.colour_products = [OpList(run, colour[:-1], [sampler]) for colour in ops]
 
     @staticmethod
     def _product(p: Product) -> list:
@@ -331,12 +340,13 @@ class EnginePixels(MaskedPixels):
         return [*_runs(p.a), p.relu_a, p.weight, p.weight.shape[1], *_runs(p.init), p.bias,
                 EPILOGUES.index(p.epilogue), *_runs(p.out)]
 
-    def step(self, i: int, j: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def step(self, i: int, j: int, known: torch.Tensor | bool | None = None) -> None:
         self._position[0] = i * self.width + j
         if known is None:
             self.call()
             return
-        for c, call in enumerate(self.colour_calls):  # each colour drawn, then the known values taken
+        calls = self.colour_products if known is True else self.colour_calls
+        for c, call in enumerate(calls):  # a colour's products (and draw), then the prefix's level taken
             call()
-            self.sampler.take(c, j, self.sampler.levels[:, c, j], known)
+            self.sampler.take(c, j, self.level(c, i, j, known, self.sampler.levels[:, c, j]))
 

@@ -39,7 +39,7 @@ class FusedSteps:
     for each pixel in raster order, which leaves the mixture parameters in `params` and the
     pixel in the image x (B, C, H, W), contiguous."""
 
-    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None = None):
         if not x.is_contiguous():
             raise ValueError("the image being filled must be contiguous")
         noise = noise.contiguous()
@@ -60,6 +60,15 @@ class FusedSteps:
         self.step_launches = {due: [launch for level in range(due) for launch in up[level]]
                               + [launch for level in reversed(range(due)) for launch in down[level]] + finish
                               for due in range(1, LEVELS + 1)}
+        # With a prefix, the steps at which every image's pixel is known: the prefix's pixel, channels
+        # last (B, H * W, C), is read instead of drawn (the image already holds it).
+        self.known_launches = {}
+        if prefix is not None:
+            self._prefix = prefix.to(x.dtype).flatten(2).transpose(1, 2).contiguous()
+            take = ColumnCopy(self.position, self._prefix, self.pixel[:, None], x.shape[1], width=self.width,
+                              src_at=Column(scale=1, row_mask=-1, row_columns=self.width))
+            self.known_launches = {due: launches[:-self._after_draw - 1] + [take] + launches[-self._after_draw:]
+                                   for due, launches in self.step_launches.items()}
         self._graphs = _GraphCache(enabled=x.is_cuda)
 
     def _buffer(self, *shape: int) -> torch.Tensor:
@@ -169,12 +178,14 @@ class FusedSteps:
 
         self._graphs.run(("row", r == 0, _due_levels(r)), work)
 
-    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def step(self, r: int, c: int, known: torch.Tensor | bool | None = None) -> None:
         """Pixel (r, c); the device position must already point at it (it does, in raster order).
-        A step with `known` pixels runs launch by launch, the known values replacing the draw."""
+        Known in every image, the prefix's pixel replaces the draw; known in some (a (B,) bool
+        tensor), the step runs launch by launch and those images take the prefix's pixel after it."""
         due = step_pattern(r, c)
-        if known is None:
-            self._graphs.run(("step", due), lambda: self._run(due))
+        if known is None or known is True:
+            plans = self.step_launches if known is None else self.known_launches
+            self._graphs.run(("step", due, known), lambda: self._run(plans[due]))
             return
         launches = self.step_launches[due]
         for launch in launches[:-self._after_draw]:
@@ -183,18 +194,19 @@ class FusedSteps:
         for launch in launches[-self._after_draw:]:
             launch()
 
-    def take_known(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """After the draw: the images `known` names take its values, in the pixel the input
-        layers read next and in the image."""
-        which, values = known
-        self.pixel.copy_(torch.where(which[:, None], values.to(self.pixel.dtype), self.pixel))
+    def take_known(self, r: int, c: int, known: torch.Tensor) -> None:
+        """After the draw: the images `known` names take the prefix's pixel, in the pixel the
+        input layers read next and in the image."""
+        p = r * self.width + c
+        self.pixel.copy_(torch.where(known[:, None], self._prefix[:, p], self.pixel))
         self.image[:, :, r, c] = self.pixel
 
     def end_row(self, r: int) -> None:
         """Nothing: every buffer a row fills was written by its steps."""
 
-    def _run(self, due: int) -> None:
-        for launch in self.step_launches[due]:
+    @staticmethod
+    def _run(launches: list) -> None:
+        for launch in launches:
             launch()
 
 

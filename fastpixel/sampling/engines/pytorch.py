@@ -14,20 +14,22 @@ class TorchSteps:
     """PixelCNN++: CachedNetwork's per-row work, then per pixel its step, the mixture draw
     with the pixel's noise, and the commit of the drawn pixel to the input layers."""
 
-    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor):
-        self.net, self.image, self.noise = net, x, noise
+    def __init__(self, net: CachedNetwork, x: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None = None):
+        self.net, self.image, self.noise, self.prefix = net, x, noise, prefix
         self.params = None  # the mixture parameters (B, P) of the pixel just drawn
 
     def start_row(self, r: int) -> None:
         self.net.start_row(r)
 
-    def step(self, r: int, c: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def step(self, r: int, c: int, known: torch.Tensor | bool | None = None) -> None:
         self.params = self.net.step(r, c)
         here = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
-        pixel = mixture.sample(self.params[:, :, None, None], noise=self.noise[here], channels=self.image.shape[1])
-        if known is not None:
-            which, values = known
-            pixel = torch.where(which[:, None, None, None], values[:, :, None, None].to(pixel.dtype), pixel)
+        if known is True:
+            pixel = self.prefix[here]
+        else:
+            pixel = mixture.sample(self.params[:, :, None, None], noise=self.noise[here], channels=self.image.shape[1])
+            if known is not None:
+                pixel = torch.where(known[:, None, None, None], self.prefix[here].to(pixel.dtype), pixel)
         self.image[here] = pixel
         self.net.commit(r, c, pixel[:, :, 0, 0])
 
@@ -39,19 +41,27 @@ class MaskedPixels:
     """The masked families: per pixel and colour, the sampler's plan of products, then the
     draw; at the end of a row the drawn levels go into the canvas."""
 
-    def __init__(self, sampler: CachedSampler, x: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, sampler: CachedSampler, x: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None = None):
         self.sampler, self.image, self.noise = sampler, x, noise
         self.params = sampler.logits  # the logits (B, C, N) of the pixel just drawn
+        self.prefix_levels = None if prefix is None else sampler.model.levels(prefix)  # (B, C, H, W)
 
     def start_row(self, r: int) -> None:
         self.sampler.start_row()
 
-    def step(self, i: int, j: int, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def step(self, i: int, j: int, known: torch.Tensor | bool | None = None) -> None:
         s = self.sampler
         for c, plan in enumerate(s.plan):
             for product in plan:
                 product(j)
-            s.take(c, j, categorical.draw(s.logits[:, c], self.noise[:, c, i, j]), known)
+            drawn = None if known is True else categorical.draw(s.logits[:, c], self.noise[:, c, i, j])
+            s.take(c, j, self.level(c, i, j, known, drawn))
+
+    def level(self, c: int, i: int, j: int, known: torch.Tensor | bool | None, drawn: torch.Tensor | None) -> torch.Tensor:
+        """Colour c's level at (i, j): the prefix's where `known` says so, else the one drawn."""
+        if known is True:
+            return self.prefix_levels[:, c, i, j]
+        return drawn if known is None else torch.where(known, self.prefix_levels[:, c, i, j], drawn)
 
     def end_row(self, r: int) -> None:
         self.sampler.end_row()
