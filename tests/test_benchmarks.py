@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import write_random_mnist
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +22,17 @@ def test_benchmarks_run_quickly_and_report(tmp_path):
     assert "| tiny | 1 |" in table and "| tiny | 2 |" in table and "Check of the estimate" in table
     assert (tmp_path / "quick.png").stat().st_size > 0
 
+
+
+def test_completion_and_odd_input_scripts_run_and_write_their_tables(tmp_path):
+    """On random MNIST-format files (the scripts' numbers in benchmarks/results come from the real sets)."""
+    for name in ("mnist", "fashion_mnist"):
+        write_random_mnist(tmp_path / "data" / name, 0, 20, blobs=True)
+    for script, extra, models in (("completion_speed.py", ["--repeats", "1"], ("mnist", "mnist-gated")),
+                                  ("odd_inputs.py", ["--images", "10"], ("mnist", "fashion-mnist"))):
+        out = tmp_path / script.removesuffix(".py")
+        result = subprocess.run([sys.executable, f"benchmarks/{script}", "--data_dir", str(tmp_path / "data"),
+                                 "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        table = Path(f"{out}.md").read_text()
+        assert all(f"| `{model}` |" in table for model in models), table
