@@ -16,10 +16,10 @@ from .models.masked.pixelcnn import PixelCNN, PixelCNNConfig
 from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
-from .sampling import bits_per_dim, log_prob, sample
+from .sampling import bits_per_dim, decode, encode, log_prob, sample
 
 sys.modules[f"{__name__}.mixture"] = mixture  # the public module's name: `from fastpixel.mixture import nll` works
 
 __all__ = ["ModelConfig", "PixelCNNpp", "PixelCNNConfig", "PixelCNN", "GatedConfig", "GatedPixelCNN", "mixture",
-           "sample", "bits_per_dim", "log_prob", "save", "load"]
+           "sample", "bits_per_dim", "log_prob", "encode", "decode", "save", "load"]
 __version__ = "0.1.0"

@@ -129,6 +129,27 @@ def focal_nll(params: torch.Tensor, x: torch.Tensor, gamma: float = 2.0) -> torc
     return -(weight * conditional).flatten(1).sum(dim=1)
 
 
+def level_pmf(params: torch.Tensor, channel: int, earlier: torch.Tensor, channels: int) -> torch.Tensor:
+    """P(x_c = each of the 256 levels | x_<c = earlier, context), (B, 256) in float64, for
+    one pixel's parameters (B, P): the components' bin masses of channel c (means coupled to
+    the earlier channels' values), weighted by the mixture weights updated by the earlier
+    channels' likelihoods. `earlier` (B, c) holds those channels' grid values. What an
+    entropy coder needs, one channel at a time: differences of the CDF, accurate to float64's
+    rounding (a bin far in a tail gets ~0, which the coder floors to its least probability)."""
+    logits, means, log_scales, coeffs = _unpack(params.double()[:, :, None, None], channels)  # (B, [C,] K, 1, 1)
+    values = [earlier[:, i, None, None, None].double() for i in range(channel)]  # (B, 1, 1, 1) each
+    log_weights = torch.log_softmax(logits, dim=1)
+    for i, x in enumerate(values):  # Bayes: the components that explain the earlier channels weigh more
+        log_weights = log_weights + _log_bin_mass(x, _coupled_mean(means[:, i], coeffs, values[:i]), log_scales[:, i])
+    log_weights = torch.log_softmax(log_weights, dim=1)
+    # each component's CDF at the 255 edges between levels; the first and last bins reach to -inf and +inf
+    edges = (torch.arange(255, dtype=torch.float64, device=params.device) / 127.5 - 1 + HALF_BIN).view(1, 1, 255)
+    mean = _coupled_mean(means[:, channel], coeffs, values)[:, :, 0, 0, None]  # (B, K, 1)
+    cdf = torch.sigmoid((edges - mean) * torch.exp(-log_scales[:, channel, :, 0, 0, None]))
+    masses = torch.diff(F.pad(cdf, (1, 0), value=0.0), dim=2, append=torch.ones_like(cdf[:, :, :1]))
+    return torch.einsum("bk,bkn->bn", log_weights[:, :, 0, 0].exp(), masses)
+
+
 def check_gamma(gamma: float) -> None:
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")

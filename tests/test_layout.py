@@ -1,5 +1,5 @@
-"""The package's layering holds (`.importlinter`): command lines above sampling and files,
-above models, above the dispatch, above the Triton kernels; no cache imports an engine; the
+"""The package's layering holds (`.importlinter`): command lines above sampling, above
+files, above models, above the dispatch, above the Triton kernels; no cache imports an engine; the
 families are independent; no import cycle at any depth, imports inside functions included.
 
 import-linter reads a package from one folder, and the kernels live in `kernels/` at the

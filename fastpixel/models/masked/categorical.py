@@ -52,6 +52,11 @@ def log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
 
 
+def pmf(logits: torch.Tensor) -> torch.Tensor:
+    """The distribution over levels, float64, of logits (B, N)."""
+    return torch.softmax(logits.double(), dim=-1)
+
+
 def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The level (int64, logits' shape without the level axis `dim=1`) whose CDF interval holds
     each uniform: logits (B, N, ...), uniforms (B, ...) in [0, 1)."""

@@ -195,6 +195,11 @@ class MaskedFamily(nn.Module):
         """log P of each sub-pixel of x given what precedes it, (B, C, H, W), under forward's output."""
         return categorical.log_prob(output, self.levels(x))
 
+    def level_pmf(self, logits: torch.Tensor, channel: int, earlier: torch.Tensor) -> torch.Tensor:
+        """A sub-pixel over its N levels, (B, N) float64, from its logits (B, N), which the
+        sampler computed given the earlier colours already (the codec's probability model)."""
+        return categorical.pmf(logits)
+
     def draw(self, output: torch.Tensor, noise: torch.Tensor, canvas: torch.Tensor, channel: int) -> torch.Tensor:
         """canvas (B, C, 1, 1) with `channel` drawn from output (B, C, N, 1, 1) with noise (B, C, 1, 1)."""
         level = categorical.draw(output[:, channel], noise[:, channel])

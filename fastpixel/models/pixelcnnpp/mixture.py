@@ -12,9 +12,9 @@ import torch
 
 from ...backend import choose_loss
 from ...kernels import mixture as plain
-from ...kernels.mixture import HALF_BIN, MIN_LOG_SCALE, log_prob, noise_shape, num_params, sample, snap_to_grid
+from ...kernels.mixture import HALF_BIN, MIN_LOG_SCALE, level_pmf, log_prob, noise_shape, num_params, sample, snap_to_grid
 
-__all__ = ["nll", "focal_nll", "log_prob", "sample", "noise_shape", "num_params", "snap_to_grid", "HALF_BIN", "MIN_LOG_SCALE"]
+__all__ = ["nll", "focal_nll", "log_prob", "level_pmf", "sample", "noise_shape", "num_params", "snap_to_grid", "HALF_BIN", "MIN_LOG_SCALE"]
 
 
 def _fused(params: torch.Tensor, backend: str | None):

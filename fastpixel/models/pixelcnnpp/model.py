@@ -121,6 +121,11 @@ class PixelCNNpp(nn.Module):
         """log P of each sub-pixel of x given what precedes it, (B, C, H, W), under forward's output."""
         return mixture.log_prob(output, x)
 
+    def level_pmf(self, params: torch.Tensor, channel: int, earlier: torch.Tensor) -> torch.Tensor:
+        """A pixel's channel over its 256 levels, (B, 256) float64, from the pixel's parameters
+        (B, P) and the earlier channels' levels (B, channel) (the codec's probability model)."""
+        return mixture.level_pmf(params, channel, earlier / 127.5 - 1, self.config.channels)
+
     def input_features(self, x: torch.Tensor) -> torch.Tensor:
         """The image plus a channel of ones (so zero padding differs from black) and, with
         CoordConv, the row and column coordinates in [-1, 1]."""

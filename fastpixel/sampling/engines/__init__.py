@@ -9,7 +9,12 @@ engine runs its steps. Every engine's steps object has the same shape:
   families). Built with a `prefix` (a canvas like the image), a step can take the prefix's
   pixel instead of a draw: for every image (`known=True`; no draw is made) or for the images
   a (B,) bool tensor names. This is teacher forcing: completion from a prefix runs the very
-  steps sampling runs, and the parameters at a known pixel are those of a full forward pass;
+  steps sampling runs, and the parameters at a known pixel are those of a full forward pass.
+  With `decide`, no noise is used: decide(r, c, channel, params) gives each colour's level
+  (B,) int64 in turn, from the parameters of that colour (PixelCNN++: the pixel's (B, P);
+  the masked families: the colour's logits (B, N), computed once the earlier colours are
+  taken). The codec decides with its entropy decoder (and its encoder with the image);
+- `decide(r, c, decide)`: pixel (r, c) with its levels given by `decide` (below);
 - `end_row(r)`: what the row leaves for the next one.
 
 The engines: `torch` (pytorch.py: the caches' own reference steps, everywhere), `triton`
@@ -36,6 +41,8 @@ from .cext import CextSteps, EnginePixels
 from .fused import FusedSteps
 from .pytorch import MaskedPixels, TorchSteps
 
+Decide = Callable[[int, int, int, torch.Tensor], torch.Tensor]  # (r, c, channel, params) -> levels (B,)
+
 CACHES = {"pixelcnnpp": CachedNetwork, "pixelcnn": CachedPixelCNN, "gated": CachedGated}
 ENGINES = {
     "torch": {CachedNetwork: TorchSteps, CachedSampler: MaskedPixels},
@@ -55,12 +62,13 @@ def runs(engine: str, family: str) -> bool:
 
 def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None, engine: str = "torch",
                 on_step: Callable[[int, int, torch.Tensor], None] | None = None, prefix: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> Iterator[int]:
+                keep: torch.Tensor | None = None, decide: Decide | None = None) -> Iterator[int]:
     """Fill the canvas x (B, C, H, W) in place through the model's cache, each step run by
     `engine`; yield after each row. Same noise, same order, same draws as the naive sampler.
     on_step(r, c, params) sees each pixel's distribution parameters. With `prefix` (a canvas
     like x) and `keep` (B,) int64, image b's pixel p (raster order) is the prefix's while
-    p < keep[b], and drawn with its own noise after."""
+    p < keep[b], and drawn with its own noise after. With `decide`, every level is decide's
+    (see the module docstring) and the noise is not read."""
     cache_type = CACHES[family_of(model).name]
     steps_type = _steps_type(engine, cache_type)
     if steps_type is None:
@@ -80,7 +88,10 @@ def cached_rows(model, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tenso
                 steps.start_row(r)
                 for c in range(width):
                     p = r * width + c
-                    steps.step(r, c, True if p < all_known else keep > p if p < any_known else None)
+                    if decide is not None:
+                        steps.decide(r, c, decide)
+                    else:
+                        steps.step(r, c, True if p < all_known else keep > p if p < any_known else None)
                     if on_step is not None:
                         on_step(r, c, steps.params)
                 steps.end_row(r)

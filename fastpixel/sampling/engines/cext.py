@@ -265,6 +265,8 @@ class CextSteps:
         launches = [self.plan.step_launches[due] for due in range(1, LEVELS + 1)]
         # a pixel's step depends on (r, c) mod 4 alone: looked up, not worked out, at each pixel
         self._steps = self._by_position([engine_call(plan, x.dtype) for plan in launches])
+        self._decided = self._by_position([tuple(engine_call(part, x.dtype) for part in self.plan.decide_launches[due])
+                                           for due in range(1, LEVELS + 1)])
         if prefix is not None:  # steps with the prefix's pixel for every image; and, for some, split at the draw
             self._known = self._by_position([engine_call(self.plan.known_launches[due], x.dtype)
                                              for due in range(1, LEVELS + 1)])
@@ -289,6 +291,12 @@ class CextSteps:
         up_to_draw()
         self.plan.take_known(r, c, known)
         rest()
+
+    def decide(self, r: int, c: int, decide) -> None:
+        before, after = self._decided[r % _PERIOD][c % _PERIOD]
+        before()
+        self.plan.take_decided(r, c, decide)
+        after()
 
     def end_row(self, r: int) -> None:
         """Nothing: every buffer a row fills was written by its steps."""
@@ -339,6 +347,12 @@ class EnginePixels(MaskedPixels):
             raise ValueError(f"a product's weight must be a contiguous ({k}, N) matrix, got {tuple(p.weight.shape)}")
         return [*_runs(p.a), p.relu_a, p.weight, p.weight.shape[1], *_runs(p.init), p.bias,
                 EPILOGUES.index(p.epilogue), *_runs(p.out)]
+
+    def decide(self, i: int, j: int, decide) -> None:
+        self._position[0] = i * self.width + j
+        for c, products in enumerate(self.colour_products):
+            products()
+            self.sampler.take(c, j, decide(i, j, c, self.sampler.logits[:, c]))
 
     def step(self, i: int, j: int, known: torch.Tensor | bool | None = None) -> None:
         self._position[0] = i * self.width + j

@@ -62,6 +62,12 @@ class FusedSteps:
                               for due in range(1, LEVELS + 1)}
         # With a prefix, the steps at which every image's pixel is known: the prefix's pixel, channels
         # last (B, H * W, C), is read instead of drawn (the image already holds it).
+        # With levels decided outside (the codec): the step up to its draw, then the decided pixel
+        # taken from `decided` and the rest.
+        self.decided = self._buffer(x.shape[1])
+        take = ColumnCopy(self.position, self.decided[:, None], self.pixel[:, None], x.shape[1], width=self.width)
+        self.decide_launches = {due: (launches[:-self._after_draw - 1], [take] + launches[-self._after_draw:])
+                                for due, launches in self.step_launches.items()}
         self.known_launches = {}
         if prefix is not None:
             self._prefix = prefix.to(x.dtype).flatten(2).transpose(1, 2).contiguous()
@@ -193,6 +199,20 @@ class FusedSteps:
         self.take_known(r, c, known)
         for launch in launches[-self._after_draw:]:
             launch()
+
+    def decide(self, r: int, c: int, decide) -> None:
+        """Pixel (r, c) with its levels from decide(r, c, channel, params), launch by launch."""
+        before, after = self.decide_launches[step_pattern(r, c)]
+        self._run(before)
+        self.take_decided(r, c, decide)
+        self._run(after)
+
+    def take_decided(self, r: int, c: int, decide) -> None:
+        """Between a step's parameters and the rest: each channel's level from `decide`, into
+        `decided` (which the rest reads) and the image."""
+        for channel in range(self.decided.shape[1]):
+            self.decided[:, channel] = decide(r, c, channel, self.params).to(self.decided.dtype) / 127.5 - 1
+        self.image[:, :, r, c] = self.decided
 
     def take_known(self, r: int, c: int, known: torch.Tensor) -> None:
         """After the draw: the images `known` names take the prefix's pixel, in the pixel the

@@ -33,6 +33,14 @@ class TorchSteps:
         self.image[here] = pixel
         self.net.commit(r, c, pixel[:, :, 0, 0])
 
+    def decide(self, r: int, c: int, decide) -> None:
+        self.params = self.net.step(r, c)
+        levels = torch.zeros(len(self.params), 0, dtype=torch.int64)
+        for channel in range(self.image.shape[1]):
+            levels = torch.cat([levels, decide(r, c, channel, self.params)[:, None]], 1)
+        self.image[:, :, r, c] = levels.to(self.image.dtype) / 127.5 - 1
+        self.net.commit(r, c, self.image[:, :, r, c])
+
     def end_row(self, r: int) -> None:
         """Nothing: the steps wrote every pixel of the row."""
 
@@ -56,6 +64,13 @@ class MaskedPixels:
                 product(j)
             drawn = None if known is True else categorical.draw(s.logits[:, c], self.noise[:, c, i, j])
             s.take(c, j, self.level(c, i, j, known, drawn))
+
+    def decide(self, i: int, j: int, decide) -> None:
+        s = self.sampler
+        for c, plan in enumerate(s.plan):
+            for product in plan:
+                product(j)
+            s.take(c, j, decide(i, j, c, s.logits[:, c]))
 
     def level(self, c: int, i: int, j: int, known: torch.Tensor | bool | None, drawn: torch.Tensor | None) -> torch.Tensor:
         """Colour c's level at (i, j): the prefix's where `known` says so, else the one drawn."""
