@@ -163,3 +163,11 @@ def test_cli_round_trip_and_refusals(checkpoint, tmp_path, mnist_dir):
     assert out.returncode == 0, out.stderr
     assert read_header((tmp_path / "m.fpx").read_bytes())["labels"] == \
         fastpixel.io.data.load_dataset("mnist", mnist_dir, "test", download=False).labels[:3].tolist()
+
+
+def test_round_trip_on_the_triton_engine_interpreted():
+    model = tiny_model(image_size=(4, 8), num_classes=3)
+    images, labels = images_of(model, 2), labels_for(model, 2)
+    data = fastpixel.encode(model, images, labels, backend="triton")
+    assert read_header(data)["engine"] == "triton"
+    assert torch.equal(fastpixel.decode(model, data), images)
