@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "safetensors",
         "matplotlib",  # training curves and benchmark plots
+        "constriction",  # the codec's range coder (fastpixel.encode / decode)
     ],
     # Triton runs the GPU path; CUDA builds of torch bring it, and the CPU path never imports it.
     # The tests run its kernels in its CPU interpreter.

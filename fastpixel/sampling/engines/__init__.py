@@ -9,12 +9,12 @@ engine runs its steps. Every engine's steps object has the same shape:
   families). Built with a `prefix` (a canvas like the image), a step can take the prefix's
   pixel instead of a draw: for every image (`known=True`; no draw is made) or for the images
   a (B,) bool tensor names. This is teacher forcing: completion from a prefix runs the very
-  steps sampling runs, and the parameters at a known pixel are those of a full forward pass.
-  With `decide`, no noise is used: decide(r, c, channel, params) gives each colour's level
-  (B,) int64 in turn, from the parameters of that colour (PixelCNN++: the pixel's (B, P);
-  the masked families: the colour's logits (B, N), computed once the earlier colours are
-  taken). The codec decides with its entropy decoder (and its encoder with the image);
-- `decide(r, c, decide)`: pixel (r, c) with its levels given by `decide` (below);
+  steps sampling runs, and the parameters at a known pixel are those of a full forward pass;
+- `decide(r, c, decide)`: pixel (r, c) with no noise read: decide(r, c, channel, params)
+  gives each colour's levels (B,) int64 in turn, from that colour's parameters (PixelCNN++:
+  the pixel's (B, P); the masked families: the colour's logits (B, N), computed once the
+  earlier colours are taken). The codec decides with its entropy decoder, and its encoder
+  with the image, through the same steps;
 - `end_row(r)`: what the row leaves for the next one.
 
 The engines: `torch` (pytorch.py: the caches' own reference steps, everywhere), `triton`
