@@ -19,10 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .backend import NAMES
-from .io.checkpoint import load, write_atomically
+from .io.checkpoint import load, write_array, write_atomically
 from .io.sources import SourceError, read_source
 from .sampling.codec import DEFAULT_BATCH, CodecError, decode, encode, read_header
 from .usage import UsageError, check_writable, interrupts_raise, report
@@ -83,7 +81,7 @@ def run(args: argparse.Namespace) -> str:
         return (f"wrote {args.out}: {n} images in {size:,} bytes, {8 * size / source.images.numel():.4f} bits per "
                 f"sub-pixel, in {time.perf_counter() - start:.1f} s")
     images = decode(model, _read(args.data), backend=backend, progress=True)
-    write_atomically(Path(args.out), lambda tmp: _save_npy(tmp, images.numpy()))
+    write_array(args.out, images.numpy())
     return f"wrote {args.out}: {len(images)} images, decoded in {time.perf_counter() - start:.1f} s"
 
 
@@ -92,11 +90,6 @@ def _read(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save(path) would append ".npy" to a temporary name
-        np.save(f, array)
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .io.checkpoint import load, write_atomically
+from .io.checkpoint import load, write_array, write_atomically
 from .io.data import DATASETS, DataError, load_dataset
 from .models.families import family_of
 from .sampling import bits_per_dim, log_prob
@@ -81,18 +80,13 @@ def run(args: argparse.Namespace) -> dict:
         bpd = float(bits.mean())
         if args.per_image is not None:
             scores = bits.flatten(1).mean(1).numpy()
-            write_atomically(Path(args.per_image), lambda tmp: _save_npy(tmp, scores))
+            write_array(args.per_image, scores)
         if args.heatmap is not None:
             shown = slice(0, args.heatmap_images)
             per_pixel = bits[shown] if bits.dim() == 3 else bits[shown].sum(1)  # codes maps have no colour axis
             write_atomically(Path(args.heatmap), lambda tmp: _heatmap(images[shown], per_pixel, tmp))
     return {"checkpoint": str(args.checkpoint), "family": family_of(model).name, "data_set": args.data_set, "split": args.split, "images": len(images),
             "bits_per_dim": bpd, "seconds": round(time.perf_counter() - start, 2), "device": str(device)}
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save(path) would append ".npy" to a temporary name
-        np.save(f, array)
 
 
 def _heatmap(images: torch.Tensor, bits: torch.Tensor, path: str) -> None:

@@ -25,16 +25,14 @@ import os
 import sys
 import time
 import types
-from pathlib import Path
 from typing import Callable, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import sampling
 from .backend import NAMES
-from .io.checkpoint import bundled_models, load, write_atomically
+from .io.checkpoint import bundled_models, load, write_array
 from .io.grid import class_columns, save_grid
 from .io.sources import SourceError, read_source
 from .models.families import family_of
@@ -155,7 +153,7 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
         cycled = args.label is None  # the default labels cycle through the classes
         save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None)
     if args.npy is not None:
-        write_atomically(Path(args.npy), lambda tmp: _save_npy(tmp, images.numpy()))
+        write_array(args.npy, images.numpy())
     processes = f", {world} processes" if world > 1 else ""
     what = f"{n} {'code maps' if _codes(model) else 'images'}"
     if args.source is not None:
@@ -220,11 +218,6 @@ def _on_every_rank(world: int, check: Callable[[], _T]) -> _T:
     if error is not None:
         raise UsageError(error)
     return result
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save(path) would append ".npy" to a temporary name
-        np.save(f, array)
 
 
 def main(argv=None) -> int:

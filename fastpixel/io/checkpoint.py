@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -65,6 +66,14 @@ def write_atomically(path: Path, write) -> None:
 
 
 @contextlib.contextmanager
+def write_array(path: str | os.PathLike, array: np.ndarray) -> None:
+    """An .npy file, written atomically (np.save(path) would append ".npy" to the temporary name)."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    write_atomically(Path(path), save)
+
+
 def new_folders_removed_if_empty(folder: Path):
     """Run the body; then remove `folder` and those of its parents that it brought into being,
     where they stayed empty, so that a command that failed leaves no empty folders behind."""
