@@ -47,11 +47,16 @@ def per_image_bits(images: torch.Tensor, save) -> int:
 
 def naive_decode_estimate(model, images: torch.Tensor, batch: int) -> float:
     """Seconds the naive decoder would take: a forward pass per sub-pixel, per batch."""
-    x = images[:batch].float() / 127.5 - 1
+    device = next(model.parameters()).device
+    x = (images[:batch].float() / 127.5 - 1).to(device)
     with torch.no_grad():
         model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         one = time.perf_counter() - start
     passes = math.prod(model.config.shape) * model.config.channels
     return one * passes * math.ceil(len(images) / batch)
@@ -101,11 +106,12 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=10_000, help="the first this many test images of each set")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "codec_cpu"), help="JSON and Markdown, without suffix")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: the Triton engine)")
     args = parser.parse_args(argv)
     rows = []
     for name, model_name in SETS.items():
         images = load_dataset(name, args.data_dir, "test", download=False).images[:args.images]
-        model = fastpixel.load(model_name)
+        model = fastpixel.load(model_name, device=args.device)
         dims = images.numel()
         raw = images.numpy().tobytes()
         row = dict(data_set=name, model=model_name, images=len(images),
@@ -127,7 +133,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     pairs = exact_pairs(fastpixel.load("mnist"), load_dataset("mnist", args.data_dir, "test", download=False).images[:32])
-    result = dict(machine=machine(), batch_size=args.batch_size, rows=rows, exact_pairs=pairs)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    result = dict(machine=device, batch_size=args.batch_size, rows=rows, exact_pairs=pairs)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# fastpixel's codec against PNG, WebP, lzma and bz2 (bits per sub-pixel, everything stored)", "",
              f"Machine: {result['machine']}. `benchmarks/codec_table.py`, batches of {args.batch_size}; the bundled "

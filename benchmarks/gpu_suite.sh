@@ -37,5 +37,12 @@ if [ -z "${SKIP_TRAINING:-}" ]; then
     "$PYTHON" benchmarks/train_bench.py --out "$OUT" "${data[@]}" ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$OUT/train_bench.log"
     training=${PIPESTATUS[0]}
 fi
-echo "== tests exit $tests, sampling benchmark exit $bench, training benchmark exit $training"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$training" -eq 0 ]
+codec=0
+if [ -n "${DATA_DIR:-}" ] && [ -z "${SKIP_CODEC:-}" ]; then
+    echo "== codec benchmark (the Triton engine; 1,000 images of each test set)"
+    "$PYTHON" benchmarks/codec_table.py --data_dir "$DATA_DIR" --device cuda --images 1000 --out "$OUT/codec_cuda" 2>&1 \
+        | tee "$OUT/codec_bench.log" | grep -v "coding:"
+    codec=${PIPESTATUS[0]}
+fi
+echo "== tests exit $tests, sampling benchmark exit $bench, training benchmark exit $training, codec exit $codec"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$training" -eq 0 ] && [ "$codec" -eq 0 ]
