@@ -65,7 +65,6 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
-@contextlib.contextmanager
 def write_array(path: str | os.PathLike, array: np.ndarray) -> None:
     """An .npy file, written atomically (np.save(path) would append ".npy" to the temporary name)."""
     def save(tmp):
@@ -74,6 +73,7 @@ def write_array(path: str | os.PathLike, array: np.ndarray) -> None:
     write_atomically(Path(path), save)
 
 
+@contextlib.contextmanager
 def new_folders_removed_if_empty(folder: Path):
     """Run the body; then remove `folder` and those of its parents that it brought into being,
     where they stayed empty, so that a command that failed leaves no empty folders behind."""
