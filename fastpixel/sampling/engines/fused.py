@@ -55,7 +55,7 @@ class FusedSteps:
         up, ups = self._up_pass()
         down = self._down_pass(ups)
         finish = self._finish(noise)
-        self._after_draw = len(finish) - 1  # the launches that follow the draw (SamplePixel comes first)
+        self.after_draw = len(finish) - 1  # the launches that follow the draw (SamplePixel comes first)
         # Every launch of a step at which the `due` finest levels are computed, in order.
         self.step_launches = {due: [launch for level in range(due) for launch in up[level]]
                               + [launch for level in reversed(range(due)) for launch in down[level]] + finish
@@ -66,14 +66,14 @@ class FusedSteps:
         # taken from `decided` and the rest.
         self.decided = self._buffer(x.shape[1])
         take = ColumnCopy(self.position, self.decided[:, None], self.pixel[:, None], x.shape[1], width=self.width)
-        self.decide_launches = {due: (launches[:-self._after_draw - 1], [take] + launches[-self._after_draw:])
+        self.decide_launches = {due: (launches[:-self.after_draw - 1], [take] + launches[-self.after_draw:])
                                 for due, launches in self.step_launches.items()}
         self.known_launches = {}
         if prefix is not None:
             self._prefix = prefix.to(x.dtype).flatten(2).transpose(1, 2).contiguous()
             take = ColumnCopy(self.position, self._prefix, self.pixel[:, None], x.shape[1], width=self.width,
                               src_at=Column(scale=1, row_mask=-1, row_columns=self.width))
-            self.known_launches = {due: launches[:-self._after_draw - 1] + [take] + launches[-self._after_draw:]
+            self.known_launches = {due: launches[:-self.after_draw - 1] + [take] + launches[-self.after_draw:]
                                    for due, launches in self.step_launches.items()}
         self._graphs = _GraphCache(enabled=x.is_cuda)
 
@@ -194,10 +194,10 @@ class FusedSteps:
             self._graphs.run(("step", due, known), lambda: self._run(plans[due]))
             return
         launches = self.step_launches[due]
-        for launch in launches[:-self._after_draw]:
+        for launch in launches[:-self.after_draw]:
             launch()
         self.take_known(r, c, known)
-        for launch in launches[-self._after_draw:]:
+        for launch in launches[-self.after_draw:]:
             launch()
 
     def decide(self, r: int, c: int, decide) -> None:
