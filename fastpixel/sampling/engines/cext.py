@@ -270,9 +270,8 @@ class CextSteps:
         if prefix is not None:  # steps with the prefix's pixel for every image; and, for some, split at the draw
             self._known = self._by_position([engine_call(self.plan.known_launches[due], x.dtype)
                                              for due in range(1, LEVELS + 1)])
-            after = self.plan.after_draw
-            self._halves = self._by_position([(engine_call(plan[:-after], x.dtype), engine_call(plan[-after:], x.dtype))
-                                              for plan in launches])
+            self._halves = self._by_position([(engine_call(before + drawn, x.dtype), engine_call(after, x.dtype))
+                                              for before, drawn, after in self.plan.parts.values()])
         self._rows = _RowOps(net, self.plan.left_term)
 
     @staticmethod

@@ -54,27 +54,25 @@ class FusedSteps:
         self._scratch = self._buffer(cfg.nr_filters)  # a block's first convolution's output, read by its second
         up, ups = self._up_pass()
         down = self._down_pass(ups)
-        finish = self._finish(noise)
-        self.after_draw = len(finish) - 1  # the launches that follow the draw (SamplePixel comes first)
-        # Every launch of a step at which the `due` finest levels are computed, in order.
-        self.step_launches = {due: [launch for level in range(due) for launch in up[level]]
-                              + [launch for level in reversed(range(due)) for launch in down[level]] + finish
-                              for due in range(1, LEVELS + 1)}
-        # With a prefix, the steps at which every image's pixel is known: the prefix's pixel, channels
-        # last (B, H * W, C), is read instead of drawn (the image already holds it).
-        # With levels decided outside (the codec): the step up to its draw, then the decided pixel
-        # taken from `decided` and the rest.
+        draw, *rest = self._finish(noise)
+        # A step at which the `due` finest levels are computed, in three parts: the launches up to
+        # the mixture's parameters, the draw, and what hands the pixel on (to the input layers).
+        self.parts = {due: ([launch for level in range(due) for launch in up[level]]
+                            + [launch for level in reversed(range(due)) for launch in down[level]], [draw], rest)
+                      for due in range(1, LEVELS + 1)}
+        self.step_launches = {due: before + drawn + after for due, (before, drawn, after) in self.parts.items()}
+        # With levels decided outside (the codec), the pixel is taken from `decided` instead of drawn.
         self.decided = self._buffer(x.shape[1])
         take = ColumnCopy(self.position, self.decided[:, None], self.pixel[:, None], x.shape[1], width=self.width)
-        self.decide_launches = {due: (launches[:-self.after_draw - 1], [take] + launches[-self.after_draw:])
-                                for due, launches in self.step_launches.items()}
+        self.decide_launches = {due: (before, [take] + after) for due, (before, _, after) in self.parts.items()}
+        # With a prefix, the steps at which every image's pixel is known read it from the prefix,
+        # channels last (B, H * W, C), instead of drawing it (the image already holds it).
         self.known_launches = {}
         if prefix is not None:
             self._prefix = prefix.to(x.dtype).flatten(2).transpose(1, 2).contiguous()
             take = ColumnCopy(self.position, self._prefix, self.pixel[:, None], x.shape[1], width=self.width,
                               src_at=Column(scale=1, row_mask=-1, row_columns=self.width))
-            self.known_launches = {due: launches[:-self.after_draw - 1] + [take] + launches[-self.after_draw:]
-                                   for due, launches in self.step_launches.items()}
+            self.known_launches = {due: before + [take] + after for due, (before, _, after) in self.parts.items()}
         self._graphs = _GraphCache(enabled=x.is_cuda)
 
     def _buffer(self, *shape: int) -> torch.Tensor:
@@ -193,12 +191,10 @@ class FusedSteps:
             plans = self.step_launches if known is None else self.known_launches
             self._graphs.run(("step", due, known), lambda: self._run(plans[due]))
             return
-        launches = self.step_launches[due]
-        for launch in launches[:-self.after_draw]:
-            launch()
+        before, drawn, after = self.parts[due]
+        self._run(before + drawn)
         self.take_known(r, c, known)
-        for launch in launches[-self.after_draw:]:
-            launch()
+        self._run(after)
 
     def decide(self, r: int, c: int, decide) -> None:
         """Pixel (r, c) with its levels from decide(r, c, channel, params), launch by launch."""

@@ -35,10 +35,8 @@ class TorchSteps:
 
     def decide(self, r: int, c: int, decide) -> None:
         self.params = self.net.step(r, c)
-        levels = torch.zeros(len(self.params), 0, dtype=torch.int64)
-        for channel in range(self.image.shape[1]):
-            levels = torch.cat([levels, decide(r, c, channel, self.params)[:, None]], 1)
-        self.image[:, :, r, c] = levels.to(self.image.dtype) / 127.5 - 1
+        for channel in range(self.image.shape[1]):  # a channel's distribution reads the earlier ones' levels
+            self.image[:, channel, r, c] = decide(r, c, channel, self.params).to(self.image.dtype) / 127.5 - 1
         self.net.commit(r, c, self.image[:, :, r, c])
 
     def end_row(self, r: int) -> None:
