@@ -23,7 +23,7 @@ shifted convolutions and gated blocks of PixelCNN++ (`fastpixel/models/pixelcnnp
 `choose_conv`: `torch` (cuDNN) unless `triton` (kernels/shifted_conv.py) is forced, until
 the fused kernels are timed against cuDNN on a GPU.
 
-`FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
+`FASTPIXEL_BACKEND=torch|triton|cext` (`auto`, or unset: the automatic choice; or the `backend=` argument, or the sampling CLI's
 `--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
 that says why: never a silent fallback, so a benchmark measures what it says it measures.
 """
@@ -72,7 +72,7 @@ def choose(device: torch.device | str, requested: str | None = None, dtype: torc
     else the fastest one that can run there. Raises BackendError if a forced one cannot."""
     device = torch.device(device)
     name = requested or os.environ.get(ENV_VAR) or None
-    if name is None:
+    if name in (None, "auto"):
         return _automatic(device, dtype)
     source = f"{ENV_VAR}={name}" if requested is None else f"backend {name!r}"
     if name not in NAMES:

@@ -20,36 +20,39 @@ import time
 from pathlib import Path
 
 from .backend import NAMES
-from .io.checkpoint import load, write_array, write_atomically
+from .io.checkpoint import bundled_models, load, write_array, write_atomically
 from .io.sources import SourceError, read_source
 from .sampling.codec import DEFAULT_BATCH, CodecError, decode, encode, read_header
-from .usage import UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.compress"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return parser().parse_args(argv)
+
+
+def parser() -> Parser:
+    """The command line's options (the tests read them)."""
+    parser = Parser(PROGRAM, __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    enc = commands.add_parser("encode", help="images to a .fpx file", allow_abbrev=False,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    enc = commands.add_parser("encode", help="images to a .fpx file")
     enc.add_argument("images", help="a .npy array, a .png picture or folder, or DATASET:SPLIT:FIRST-LAST")
     enc.add_argument("out", help="the .fpx file to write")
-    enc.add_argument("--data_dir", "--data-dir", default="data", help="where DATASET:SPLIT:FIRST-LAST is read from")
-    enc.add_argument("--batch_size", "--batch-size", type=int, default=DEFAULT_BATCH,
+    enc.add_argument("--data_dir", default="data", help="where DATASET:SPLIT:FIRST-LAST is read from")
+    enc.add_argument("--batch_size", type=int, default=DEFAULT_BATCH,
                      help="images coded together (the unit of decoding)")
-    dec = commands.add_parser("decode", help="a .fpx file to a .npy array", allow_abbrev=False,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dec = commands.add_parser("decode", help="a .fpx file to a .npy array")
     dec.add_argument("data", help="the .fpx file")
     dec.add_argument("out", help="the .npy array to write (uint8 (N, C, H, W); codes: int64 (N, H, W))")
-    info = commands.add_parser("info", help="what a .fpx file holds", allow_abbrev=False)
+    info = commands.add_parser("info", help="what a .fpx file holds")
     info.add_argument("data", help="the .fpx file")
     for command in (enc, dec):
-        command.add_argument("--checkpoint", default="mnist", help="a bundled model, a model file or a training save_dir")
+        command.add_argument("--checkpoint", default="mnist",
+                             help=f"a bundled model ({', '.join(bundled_models())}), a model file or a training save_dir")
         command.add_argument("--backend", choices=["auto", *NAMES], default="auto",
                              help="the engine (decode: auto takes the encoder's)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _model(args):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .io.checkpoint import save
 from .io.converters import SOURCES, ConvertError, from_openai, from_pclucas14
-from .usage import UsageError, report
+from .usage import Parser, UsageError, report
 
 PROGRAM = "python -m fastpixel.convert"
 
@@ -27,7 +27,12 @@ def _image_size(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0])
+    return parser().parse_args(argv)
+
+
+def parser() -> Parser:
+    """The command line's options (the tests read them)."""
+    parser = Parser(PROGRAM, __doc__)
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True, help="which code trained the model")
     parser.add_argument("checkpoint", help="openai: the checkpoint prefix, its .index or its folder; pclucas14: the .pth state_dict")
     parser.add_argument("out", help="the fastpixel model file to write (.safetensors)")
@@ -37,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=int, default=None, help="read from the weights; a value given must agree")
     parser.add_argument("--resnet_nonlinearity", choices=["concat_elu", "elu", "relu"], default=None,
                         help="openai only: needed for elu or relu, which the weights cannot tell apart")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:

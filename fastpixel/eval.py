@@ -18,31 +18,38 @@ from pathlib import Path
 
 import torch
 
-from .io.checkpoint import load, write_array, write_atomically
+from .io.checkpoint import bundled_models, load, write_array, write_atomically
 from .io.data import DATASETS, DataError, load_dataset
 from .models.families import family_of
 from .sampling import bits_per_dim, log_prob
-from .usage import UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastpixel.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a model file written by fastpixel.save, or a training save_dir")
-    p.add_argument("--data_set", choices=DATASETS, required=True)
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--max_images", type=int, default=None, help="score only the first this many images")
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser().parse_args(argv)
+
+
+def parser() -> Parser:
+    """The command line's options (the tests read them)."""
+    p = Parser("python -m fastpixel.eval", __doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help=f"a bundled model ({', '.join(bundled_models())}), a model file written by fastpixel.save, "
+                        "or a training save_dir")
+    p.add_argument("--data_set", choices=DATASETS, required=True, help="the data set to score")
+    p.add_argument("--data_dir", required=True, help="where the data set lives (downloaded there when missing)")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to score")
+    p.add_argument("--max_images", type=int, default=None, help="score only the first this many images (default: all)")
+    p.add_argument("--batch_size", type=int, default=100, help="images per forward pass")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when there is a GPU, else the CPU")
     p.add_argument("--no_download", action="store_true", help="never download missing data")
     p.add_argument("--json", default=None, help="also write the result as JSON here")
-    p.add_argument("--per_image", "--per-image", default=None, metavar="FILE.npy",
+    p.add_argument("--per_image", default=None, metavar="FILE.npy",
                    help="also write each image's bits/dim here (float64, one per image)")
     p.add_argument("--heatmap", default=None, metavar="FILE.png",
                    help="also draw the first --heatmap_images images beside their per-pixel bits here")
-    p.add_argument("--heatmap_images", "--heatmap-images", type=int, default=8,
-                   help="how many images the heat map shows (default 8)")
-    return p.parse_args(argv)
+    p.add_argument("--heatmap_images", type=int, default=8, help="how many images the heat map shows")
+    return p
 
 
 def run(args: argparse.Namespace) -> dict:

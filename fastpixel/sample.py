@@ -1,8 +1,10 @@
-"""`python -m fastpixel.sample`: draw images from a saved model (any family) into a PNG grid.
+"""`python -m fastpixel.sample`: draw images from a saved model (any family) into a PNG grid,
+through the model's cache (`--naive`: a full forward pass per pixel, same images, far slower).
 
-    python -m fastpixel.sample --fast --checkpoint run/model.safetensors -n 16 --seed 0
-    torchrun --standalone --nproc_per_node 4 -m fastpixel.sample --fast -n 1024 --npy grid.npy
-    python -m fastpixel.sample --fast --complete mnist:test:0-7 --keep_rows 14 -n 6 --data_dir data
+    python -m fastpixel.sample                      # 16 digits from the bundled mnist model
+    python -m fastpixel.sample --checkpoint run/model.safetensors -n 16 --seed 0
+    torchrun --standalone --nproc_per_node 4 -m fastpixel.sample -n 1024 --npy grid.npy
+    python -m fastpixel.sample --complete mnist:test:0-7 --keep_rows 14 -n 6 --data_dir data
 
 With `--complete SOURCE` (a .npy array, a .png picture or a folder of them, or
 DATASET:SPLIT:FIRST-LAST indices into --data_dir) each source image keeps its first
@@ -24,7 +26,6 @@ import argparse
 import os
 import sys
 import time
-import types
 from typing import Callable, TypeVar
 
 import torch
@@ -36,40 +37,52 @@ from .io.checkpoint import bundled_models, load, write_array
 from .io.grid import class_columns, save_grid
 from .io.sources import SourceError, read_source
 from .models.families import family_of
-from .usage import UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, report
 
 PROGRAM = "python -m fastpixel.sample"
 _T = TypeVar("_T")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n")[0])
-    parser.add_argument("--fast", action="store_true", help="use the cached sampler (same images as without, much faster)")
-    parser.add_argument("--checkpoint", default="mnist",
-                        help=f"a bundled model ({', '.join(bundled_models())}; default mnist), a file written by "
-                             "fastpixel.save, or a training save_dir")
-    parser.add_argument("-n", "--num-samples", type=int, default=16,
-                        help="how many images, or with --complete completions per source image (default 16)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    args = parser().parse_args(argv)
+    args.fast = not args.naive
+    return args
+
+
+def parser() -> Parser:
+    """The command line's options (the tests read them)."""
+    options = Parser(PROGRAM, __doc__)
+    how = options.add_mutually_exclusive_group()
+    how.add_argument("--naive", action="store_true",
+                     help="the naive sampler, a full forward pass per pixel: the reference, hundreds of times slower "
+                          "(same images)")
+    how.add_argument("--fast", action="store_true",
+                     help="the cached sampler: the default, accepted so that older commands still run")
+    options.add_argument("--checkpoint", default="mnist",
+                        help=f"a bundled model ({', '.join(bundled_models())}), a file written by fastpixel.save, "
+                             "or a training save_dir")
+    options.add_argument("-n", "--num_samples", type=int, default=16,
+                        help="how many images, or with --complete completions per source image")
+    options.add_argument("--batch_size", type=int, default=None,
                         help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
-    parser.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
-    parser.add_argument("--label", type=int, default=None,
+    options.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    options.add_argument("--label", type=int, default=None,
                         help="class of every image, for class-conditional models (default: cycle through the classes)")
-    parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
-    parser.add_argument("--npy", default=None,
+    options.add_argument("--out", default="samples.png", help="PNG grid to write")
+    options.add_argument("--npy", default=None,
                         help="also save the raw uint8 array (N, C, H, W) here (code maps: int64 (N, H, W), only here)")
-    parser.add_argument("--complete", default=None, metavar="SOURCE",
+    options.add_argument("--complete", default=None, metavar="SOURCE",
                         help="complete these images instead of drawing from scratch: a .npy array (uint8 (N, C, H, W) "
                              "or (N, H, W)), a .png picture or a folder of them, or DATASET:SPLIT:FIRST-LAST (e.g. "
                              "mnist:test:0-7) read from --data_dir")
-    parser.add_argument("--keep_rows", "--keep-rows", type=int, default=None,
+    options.add_argument("--keep_rows", type=int, default=None,
                         help="with --complete: the rows of each source image kept; the rest are drawn")
-    parser.add_argument("--data_dir", "--data-dir", default="data",
-                        help="where --complete finds DATASET:SPLIT:FIRST-LAST (default data)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--backend", choices=["auto", *NAMES], default="auto",
-                        help="who runs the cached sampler's steps (default auto: $FASTPIXEL_BACKEND, else the fastest here)")
-    return parser.parse_args(argv)
+    options.add_argument("--data_dir", default="data", help="where --complete finds DATASET:SPLIT:FIRST-LAST")
+    options.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when there is a GPU, else the CPU")
+    options.add_argument("--backend", choices=["auto", *NAMES], default="auto",
+                        help="who runs the cached sampler's steps (auto: $FASTPIXEL_BACKEND, else the fastest here)")
+    return options
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -85,9 +98,9 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world:
     images into args.source); return the model, the backend that will run and every rank's
     largest batch."""
     if args.num_samples <= 0:
-        raise UsageError(f"-n/--num-samples must be positive, got {args.num_samples}")
+        raise UsageError(f"-n/--num_samples must be positive, got {args.num_samples}")
     if args.batch_size is not None and args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
     if writer:
@@ -246,16 +259,6 @@ def main(argv=None) -> int:
         print(summary)
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this module binds `fastpixel.sample` to it, hiding the function of the same
-    name; calling the module calls that function, so `fastpixel.sample(model, n)` still works."""
-
-    def __call__(self, *args, **kwargs):
-        return sampling.sample(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

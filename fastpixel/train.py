@@ -5,9 +5,10 @@ or `--model gated`), on the CPU, one GPU, or many through `torchrun` + Distribut
     python -m fastpixel.train --model gated --data_set mnist --hidden-fmaps 60 --hidden-layers 8 --save_dir runs/gated
     torchrun --standalone --nproc_per_node 2 -m fastpixel.train --data_set mnist ...
 
-The masked families take the architecture flags of the gated PixelCNN seed (`--causal-ksize`,
-`--hidden-ksize`, `--hidden-fmaps`, `--out-hidden-fmaps`, `--hidden-layers`, `--color-levels`;
-unset ones take the family's defaults); the PixelCNN++ flags (`--nr_resnet` ...) are theirs.
+The masked families take `--causal_ksize`, `--hidden_ksize`, `--hidden_fmaps`,
+`--out_hidden_fmaps`, `--hidden_layers` and `--color_levels` (unset ones take the family's
+defaults: fastpixel.PixelCNNConfig, fastpixel.GatedConfig); PixelCNN++ takes `--nr_resnet`,
+`--nr_filters`, `--nr_logistic_mix` and the rest of the original's flags.
 
 Batches and learning rate: `--batch_size` is per process, so one optimiser step sees
 `batch_size * world_size` images (the global batch), and DDP averages the gradients over
@@ -55,26 +56,43 @@ from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
-from .usage import UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, report
 
+PROGRAM = "python -m fastpixel.train"
 STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"
 STATE_KEYS = ("model", "ema", "optimizer", "schedule", "step", "epoch", "batch_in_epoch", "world", "config", "args")
 MAX_NONFINITE_IN_A_ROW = 5
-# Arguments a resumed run must repeat: they fix the architecture, the data order or the
-# optimisation (a saved optimiser would silently override a new --lr).
+# What a resumed run takes from the run it continues unless given, and refuses when given
+# otherwise: the architecture, the data and its order, and the optimisation (a saved optimiser
+# would silently override a new --lr). Every other option it also takes from the run unless
+# given (--max_epochs, --num_samples ...), and a value given there simply applies.
 RESUME_MUST_MATCH = ("model", "causal_ksize", "hidden_ksize", "hidden_fmaps", "out_hidden_fmaps", "hidden_layers",
-                     "color_levels", "data_set", "nr_resnet", "nr_filters", "nr_logistic_mix", "resnet_nonlinearity", "dropout_p",
-                     "class_conditional", "coordconv", "nonlocal_block", "seed", "lr", "lr_decay", "polyak_decay",
-                     "focal", "gamma", "grad_clip")
+                     "color_levels", "data_set", "max_train_images", "nr_resnet", "nr_filters", "nr_logistic_mix",
+                     "resnet_nonlinearity", "dropout_p", "class_conditional", "coordconv", "nonlocal_block", "seed",
+                     "lr", "lr_decay", "polyak_decay", "focal", "gamma", "grad_clip")
+# Options that belong to this invocation, never taken from the run.
+NOT_INHERITED = ("resume", "init_from", "save_dir", "given")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastpixel.train", description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=FAMILY_NAMES, default="pixelcnnpp", help="the model family (default pixelcnnpp)")
-    p.add_argument("--data_set", "--dataset", choices=DATASETS, default="cifar10")
+    p = parser()
+    unset = object()
+    typed = p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions if a.dest != "help"}))
+    args = p.parse_args(argv)
+    args.given = sorted(name for name, value in vars(typed).items() if value is not unset)  # what --resume may not override
+    return args
+
+
+def parser() -> Parser:
+    """The command line's options (the tests read them)."""
+    p = Parser(PROGRAM, __doc__)
+    p.add_argument("--model", choices=FAMILY_NAMES, default="pixelcnnpp", help="the model family")
+    p.add_argument("--data_set", "--dataset", choices=DATASETS, default="cifar10", help="the data set to train on")
     p.add_argument("--data_dir", default="data", help="where the data set lives (downloaded there when missing)")
     p.add_argument("--no_download", action="store_true", help="never download missing data")
+    p.add_argument("--max_train_images", type=int, default=None,
+                   help="train on the first this many training images only (default: all)")
     p.add_argument("--save_dir", default="save", help="checkpoints, metrics.jsonl, curves.png and samples")
     masked = p.add_argument_group("pixelcnn and gated families (unset: the family's defaults)")
     for flag, help_text in (("causal_ksize", "kernel size of the first (mask A) layer"),
@@ -83,30 +101,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                             ("out_hidden_fmaps", "features of the output layer; RGB: divisible by 3"),
                             ("hidden_layers", "gated blocks (gated) or residual blocks (pixelcnn)"),
                             ("color_levels", "levels per sub-pixel (2..256)")):
-        masked.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", type=int, default=None, help=help_text)
-    p.add_argument("--nr_resnet", type=int, default=5)
-    p.add_argument("--nr_filters", type=int, default=160)
-    p.add_argument("--nr_logistic_mix", type=int, default=10)
-    p.add_argument("--resnet_nonlinearity", choices=NONLINEARITIES, default="concat_elu")
-    p.add_argument("--dropout_p", type=float, default=0.5)
-    p.add_argument("--max_epochs", "--epochs", type=int, default=5000)
+        masked.add_argument(f"--{flag}", type=int, default=None, help=help_text)
+    pp = p.add_argument_group("PixelCNN++ (--model pixelcnnpp)")
+    pp.add_argument("--nr_resnet", type=int, default=5, help="gated ResNet blocks per stage")
+    pp.add_argument("--nr_filters", type=int, default=160, help="features of every layer")
+    pp.add_argument("--nr_logistic_mix", type=int, default=10, help="logistic components per sub-pixel")
+    pp.add_argument("--resnet_nonlinearity", choices=NONLINEARITIES, default="concat_elu",
+                    help="the nonlinearity of the gated ResNet blocks")
+    pp.add_argument("--dropout_p", type=float, default=0.5, help="dropout rate inside the gated ResNet blocks")
+    pp.add_argument("-ac", "--coordconv", action="store_true", help="add CoordConv channels")
+    pp.add_argument("-nl", "--nonlocal", dest="nonlocal_block", action="store_true", help="add a causal non-local block")
+    pp.add_argument("-fl", "--focal", action="store_true", help="train with focal loss (bits/dim still reported plainly)")
+    pp.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
+    p.add_argument("--class_conditional", action="store_true", help="condition on the data set's labels")
+    p.add_argument("--max_epochs", "--epochs", type=int, default=5000, help="stop after this many epochs")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in all")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=16, help="images per process per step")
+    p.add_argument("--batch_size", type=int, default=16, help="images per process per step")
     p.add_argument("--init_batch_size", type=int, default=100, help="images for the data-dependent initialisation")
-    p.add_argument("--lr", "--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lr", "--learning_rate", type=float, default=1e-3, help="Adam's learning rate for the global batch")
     p.add_argument("--lr_decay", type=float, default=0.999995, help="learning-rate factor per step")
     p.add_argument("--polyak_decay", type=float, default=0.9995, help="EMA decay of the weights per step")
-    p.add_argument("--grad_clip", "--max-norm", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--class_conditional", action="store_true")
-    p.add_argument("-ac", "--coordconv", action="store_true", help="add CoordConv channels")
-    p.add_argument("-nl", "--nonlocal", dest="nonlocal_block", action="store_true", help="add a causal non-local block")
-    p.add_argument("-fl", "--focal", action="store_true", help="train with focal loss (bits/dim still reported plainly)")
-    p.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
+    p.add_argument("--grad_clip", "--max_norm", type=float, default=None,
+                   help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--seed", type=int, default=1, help="fixes the initialisation, data order and dropout")
     p.add_argument("--save_interval", type=int, default=1, help="save every this many epochs")
     p.add_argument("--save_every_steps", type=int, default=0, help="also save every this many steps (0: off)")
     p.add_argument("--log_every", type=int, default=100, help="append a metrics line every this many steps")
-    p.add_argument("--resume", action="store_true", help="continue from save_dir/state.pt")
+    p.add_argument("-r", "--resume", "--load_params", action="store_true",
+                   help="continue the run in save_dir (its architecture and optimisation settings are read from it)")
     p.add_argument("--init_from", default=None,
                    help="start from these weights (a model file, save_dir or bundled name) instead of a fresh "
                         "data-dependent initialisation; the optimiser starts afresh")
@@ -117,10 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward pass: minutes of compiling at the start of every run "
                         "and resume, then faster steps (15%% on this project's 2-core CPU)")
-    p.add_argument("--num_samples", type=int, default=16, help="images in each epoch's sample grid (0: none)")
-    p.add_argument("--eval_batch_size", type=int, default=100)
+    p.add_argument("--num_samples", type=int, default=16, help="images in each sample grid (0: none)")
+    p.add_argument("--eval_batch_size", type=int, default=100, help="images per forward pass in evaluation")
     p.add_argument("--max_test_images", type=int, default=None, help="evaluate on at most this many test images")
-    return p.parse_args(argv)
+    return p
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -326,7 +348,7 @@ def check_args(args: argparse.Namespace, procs: Processes) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "max_test_images"):
+    for name in ("max_steps", "max_test_images", "max_train_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.save_every_steps < 0 or args.num_workers < 0 or args.num_samples < 0:
@@ -359,6 +381,9 @@ def load_data(args: argparse.Namespace, procs: Processes):
         raise UsageError(str(err)) from None
     if args.class_conditional and (train.labels is None or test.labels is None):
         raise UsageError(f"--class_conditional needs labels, and {args.data_set} in {args.data_dir} has none")
+    if args.max_train_images is not None:
+        train.images = train.images[:args.max_train_images]
+        train.labels = None if train.labels is None else train.labels[:args.max_train_images]
     if args.max_test_images is not None:
         test.images = test.images[:args.max_test_images]
         test.labels = None if test.labels is None else test.labels[:args.max_test_images]
@@ -426,8 +451,9 @@ def exclusive(save_dir: Path, main: bool):
 
 
 def read_state(state_path: Path, args: argparse.Namespace, procs: Processes, save_dir: Path) -> dict:
-    """The training state a --resume continues from, once it is clear that it is whole and
-    that this run repeats the arguments that would otherwise make the resume inexact."""
+    """The training state a --resume continues from, once it is clear that it is whole; the
+    run's own options fill in those this command did not give (`args` is updated), and one
+    given otherwise that would make the resume inexact is refused, naming both values."""
     if not state_path.is_file():
         raise UsageError(f"--resume: no training state at {state_path}")
     try:
@@ -438,24 +464,40 @@ def read_state(state_path: Path, args: argparse.Namespace, procs: Processes, sav
         raise UsageError(f"--resume: cannot read {state_path}: {err}") from None
     if missing:
         raise UsageError(f"--resume: {state_path} is not a whole training state: it lacks {', '.join(missing)}")
-    defaults = vars(parse_args([]))  # what a state written before an argument existed ran with
-    changed = [a for a in RESUME_MUST_MATCH if saved_args.get(a, defaults[a]) != getattr(args, a)]
-    if saved_args.get("batch_size", 0) * state.get("world", 1) != args.batch_size * procs.world:
-        changed.append("batch_size (times the number of processes)")
-    if changed:
-        raise UsageError(f"--resume: {', '.join('--' + a for a in changed)} differ from the run in {save_dir}")
+    given = set(getattr(args, "given", vars(args)))
+    run = {**vars(parse_args([])), **saved_args}  # a state written before an option existed ran with its default
+    conflicts = [f"--{name} {_shown(getattr(args, name))} (the run has {_shown(run[name])})"
+                 for name in RESUME_MUST_MATCH if name in given and getattr(args, name) != run[name]]
+    saved_world = state.get("world", 1)
+    if "batch_size" not in given and run["batch_size"] * saved_world % procs.world == 0:
+        args.batch_size = run["batch_size"] * saved_world // procs.world
+    if args.batch_size * procs.world != run["batch_size"] * saved_world:
+        conflicts.append(f"--batch_size {args.batch_size} times {procs.world} processes (the run has "
+                         f"{run['batch_size']} times {saved_world})")
+    if conflicts:
+        raise UsageError(f"--resume: {'; '.join(conflicts)} would not continue the run in {save_dir} exactly; "
+                         "leave those options out to take the run's")
+    for name, value in run.items():
+        if name not in given and name not in NOT_INHERITED and name != "batch_size" and hasattr(args, name):
+            setattr(args, name, value)
     return state
 
 
+def _shown(value) -> str:
+    return "(unset)" if value is None else str(value)
+
+
 def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Trainer:
+    state_path = save_dir / STATE_FILE
+    if args.resume:
+        state = read_state(state_path, args, procs, save_dir)
+        check_args(args, procs)  # the options taken from the run, with those given
     torch.manual_seed(args.seed)
     train_set, test_set = load_data(args, procs)
     config = config_from(args, train_set)
     trainer = Trainer(args, config, procs)
     trainer.data = data_identity(train_set)
-    state_path = save_dir / STATE_FILE
     if args.resume:
-        state = read_state(state_path, args, procs, save_dir)
         if state.get("data", trainer.data) != trainer.data:
             raise UsageError(f"--resume: the training data in {args.data_dir} ({trainer.data}) are not those of the "
                              f"run in {save_dir} ({state['data']})")
@@ -490,23 +532,31 @@ def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Traine
     global_batch = args.batch_size * procs.world
     log = MetricsLog(save_dir / "metrics.jsonl", procs.main)
     log.keep_until(trainer.step if args.resume else -1)  # records a killed run wrote after its last checkpoint
+    first_step = trainer.step
     try:
         while trainer.epoch < args.max_epochs and not reached_max_steps(trainer, args):
             batches = epoch_batches(len(train_set.images), trainer.epoch, args.seed, global_batch)
             run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
-            if trainer.batch_in_epoch < len(batches):
-                break  # --max_steps fell inside the epoch: it is saved as unfinished
+            if trainer.batch_in_epoch < len(batches):  # --max_steps fell inside the epoch: saved as unfinished,
+                if trainer.step > first_step:         # and reported as an epoch's end is
+                    evaluate_and_show(trainer, test_set, args, procs, log, stop_signal, save_dir,
+                                      f"samples_step{trainer.step:07d}.png")
+                break
             finish_epoch(trainer, test_set, args, procs, log, stop_signal, save_dir)
     except Stop as why:
         if procs.main:
-            print(f"python -m fastpixel.train: {why}", file=sys.stderr)
+            plot_curves(log.records(), save_dir / "curves.png")  # what the run got to; no evaluation delays the stop
+            print(f"{PROGRAM}: {why}", file=sys.stderr)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handlers[0])
         signal.signal(signal.SIGINT, previous_handlers[1])
     if procs.main:
         trainer.save(save_dir)
-        print(f"done: {trainer.step} steps, {trainer.epoch} epochs; EMA model in {save_dir / MODEL_FILE}")
+        tested = [r["test_bpd"] for r in log.records() if "test_bpd" in r]
+        score = f"; test bits/dim {tested[-1]:.4f} (EMA weights)" if tested else ""
+        print(f"done: {trainer.step} steps, {trainer.epoch} epochs{score}; EMA model in {save_dir / MODEL_FILE}, "
+              f"curves and samples in {save_dir}")
     return trainer
 
 
@@ -561,7 +611,10 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
                                       for b in batches[trainer.batch_in_epoch:]],
         num_workers=args.num_workers, generator=torch.Generator())
     net.train()
-    bar = tqdm(total=len(batches), initial=trainer.batch_in_epoch, disable=not procs.main,
+    total = len(batches)
+    if args.max_steps is not None:  # the bar ends where the run will
+        total = min(total, trainer.batch_in_epoch + max(0, args.max_steps - trainer.step))
+    bar = tqdm(total=total, initial=trainer.batch_in_epoch, disable=not procs.main,
                desc=f"epoch {trainer.epoch}", unit="batch")
     started, seen = time.perf_counter(), 0
     for images, labels in loader:
@@ -630,8 +683,18 @@ def stop_for_signal(trainer: Trainer, stop_signal: list, procs: Processes, save_
 
 def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog, stop_signal: list,
                  save_dir: Path) -> None:
-    """Test bits/dim of the EMA weights (plain likelihood), a sample grid, the curves, a checkpoint.
-    The evaluation runs a batch at a time with a vote after each, so that a signal is honoured
+    """An epoch's end: its test bits/dim, grid and curves, then a checkpoint."""
+    evaluate_and_show(trainer, test, args, procs, log, stop_signal, save_dir,
+                      f"samples_epoch{trainer.epoch:04d}.png", epoch_done=True)
+    if procs.main and trainer.epoch % args.save_interval == 0:
+        trainer.save(save_dir)
+
+
+def evaluate_and_show(trainer: Trainer, test, args, procs: Processes, log: MetricsLog, stop_signal: list,
+                      save_dir: Path, grid_name: str, epoch_done: bool = False) -> None:
+    """Test bits/dim of the EMA weights (plain likelihood, at most --max_test_images), a sample
+    grid and the curves: at each epoch's end, and where a run stops inside an epoch. The
+    evaluation runs a batch at a time with a vote after each, so that a signal is honoured
     within one batch, not after the whole test set; every process runs as many batches."""
     config = trainer.model.config
     share = slice(procs.rank, None, procs.world)
@@ -647,21 +710,22 @@ def finish_epoch(trainer: Trainer, test, args, procs: Processes, log: MetricsLog
             stop_for_signal(trainer, stop_signal, procs, save_dir)
     total = procs.all_sum(torch.tensor([nats, float(images.numel())], dtype=torch.float64, device=procs.device))
     test_bpd = float(total[0] / (total[1] * math.log(2)))
-    train_bpd = sum(trainer.epoch_bits) / len(trainer.epoch_bits) if trainer.epoch_bits else None
-    trainer.epoch += 1
-    trainer.batch_in_epoch = 0
-    trainer.epoch_bits = []
+    epoch_train_bpd = sum(trainer.epoch_bits) / len(trainer.epoch_bits) if trainer.epoch_bits else None
+    epoch = trainer.epoch
+    if epoch_done:
+        trainer.epoch += 1
+        trainer.batch_in_epoch = 0
+        trainer.epoch_bits = []
     if not procs.main:
         return
-    log.append(step=trainer.step, epoch=trainer.epoch - 1, test_bpd=test_bpd, train_bpd=train_bpd)
-    print(f"epoch {trainer.epoch - 1}: test bits/dim {test_bpd:.4f} (EMA weights)")
+    where = f"epoch {epoch}" if epoch_done else f"step {trainer.step} (inside epoch {epoch})"
+    log.append(step=trainer.step, epoch=epoch, test_bpd=test_bpd, epoch_train_bpd=epoch_train_bpd,
+               **({} if epoch_done else {"partial_epoch": True}))
+    print(f"{where}: test bits/dim {test_bpd:.4f} on {len(test.images)} images (EMA weights)")
     if args.num_samples and not config.categorical_inputs:
-        images = sample(trainer.ema, args.num_samples, fast=True, seed=0)
-        save_grid(images, save_dir / f"samples_epoch{trainer.epoch - 1:04d}.png",
-                  class_columns(args.num_samples, config.num_classes))
+        images = sample(trainer.ema, args.num_samples, seed=0)
+        save_grid(images, save_dir / grid_name, class_columns(args.num_samples, config.num_classes))
     plot_curves(log.records(), save_dir / "curves.png")
-    if trainer.epoch % args.save_interval == 0:
-        trainer.save(save_dir)
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
@@ -670,7 +734,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(r["step"], r["train_bpd"]) for r in records if r.get("train_bpd") is not None and "test_bpd" not in r]
+    train = [(r["step"], r["train_bpd"]) for r in records if r.get("train_bpd") is not None]
     test = [(r["step"], r["test_bpd"]) for r in records if "test_bpd" in r]
     if train:
         ax.plot(*zip(*train), label="train (batch)", alpha=0.6)
@@ -679,7 +743,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("bits/dim")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if train or test:
+        ax.legend()
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -692,12 +757,12 @@ def main(argv=None) -> int:
     try:
         train(args, procs)
     except UsageError as err:
-        return report("python -m fastpixel.train", err) if procs.main else 2
+        return report(PROGRAM, err) if procs.main else 2
     except Stop as why:
         return why.code
     except KeyboardInterrupt:  # before the training loop's own handlers were installed
         if procs.main:
-            print("python -m fastpixel.train: interrupted before training started; nothing was saved", file=sys.stderr)
+            print(f"{PROGRAM}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     finally:
         if procs.world > 1 and dist.is_initialized():

@@ -1,13 +1,75 @@
-"""How the command-line tools treat a user's mistake: refused before any long work, with one
-line on stderr and exit code 2; and Ctrl-C while they are still importing torch, which ends
-quietly with exit code 130 instead of a traceback."""
+"""How the command-line tools read their options and treat a user's mistake: one parser for all
+of them (`Parser`: both spellings of every multi-word flag, no guessing from prefixes, defaults
+shown in --help), mistakes refused before any long work with one line on stderr and exit code
+2, and Ctrl-C while they are still importing torch, which ends quietly with exit code 130
+instead of a traceback."""
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
+
+
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """The description as written (it holds examples); each option under the names its
+    command line gave it (not the other spellings `Parser` adds), and its default after its
+    help, unless the help already names it or there is none to name."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        typed = getattr(action, "typed_names", None)
+        if typed:
+            action = copy.copy(action)
+            action.option_strings = list(typed)
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unnamed = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or unnamed or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command lines' parser. Every multi-word flag takes both spellings (`--batch_size`
+    and `--batch-size`); an option is only ever the one typed, never a longer one it begins
+    (argparse would read `train -n 32` as `-nl`, and `--nr_fil` as `--nr_filters`); --help
+    shows the module's whole docstring and every default."""
+
+    def __init__(self, prog: str, doc: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        kwargs.setdefault("epilog", "Every option of more than one word is also accepted with '-' in place of '_'\n"
+                                    "(--batch-size for --batch_size), and the other way round.")
+        super().__init__(prog=prog, description=doc, allow_abbrev=False, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        return _with_both_spellings(super().add_argument, names, kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        plain = group.add_argument
+        group.add_argument = lambda *names, **options: _with_both_spellings(plain, names, options)
+        return group
+
+    def _get_option_tuples(self, option_string: str):
+        # Only an option followed by its value (`-n16`), never a longer option the text begins.
+        return [match for match in super()._get_option_tuples(option_string) if option_string.startswith(match[1])]
+
+
+def _with_both_spellings(add, names: tuple, options: dict) -> argparse.Action:
+    spelled = list(names)
+    for name in names:
+        if isinstance(name, str) and name.startswith("--"):
+            for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                if other not in spelled:
+                    spelled.append(other)
+    action = add(*spelled, **options)
+    action.typed_names = names
+    return action
 
 
 class UsageError(Exception):

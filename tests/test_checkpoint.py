@@ -72,3 +72,22 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_the_public_errors_are_exported_from_fastpixel():
+    for name in ("CheckpointError", "DataError", "ConvertError", "CodecError", "BackendError", "BuildError"):
+        assert name in fastpixel.__all__ and issubclass(getattr(fastpixel, name), Exception)
+    assert fastpixel.CheckpointError is CheckpointError
+
+
+def test_a_torch_save_file_is_named_and_pointed_to_the_converter(tmp_path):
+    torch.save(tiny_model().state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match=r"is a torch.save file, not a fastpixel model file: .*fastpixel.convert "
+                                              r"--from pclucas14"):
+        fastpixel.load(tmp_path / "weights.pth")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_loading_onto_cuda_without_cuda_says_so_in_a_sentence():
+    with pytest.raises(ValueError, match="device 'cuda' was asked for, but this torch is a CPU build|no CUDA device"):
+        fastpixel.load("mnist", device="cuda")

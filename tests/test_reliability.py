@@ -300,11 +300,12 @@ def test_resume_survives_a_torn_metrics_line_and_refuses_other_data_or_an_incomp
     save_dir = tmp_path / "run"
     assert train_module.main(train_args(mnist_dir, save_dir, "--max_steps", 3, "--log_every", 2)) == 0
     assert [r["step"] for r in metrics(save_dir) if "train_bpd" in r] == [2, 3]  # the last step is logged
+    assert [r["step"] for r in metrics(save_dir) if "test_bpd" in r] == [3]  # a run inside an epoch reports too
     with open(save_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train_b')
     (save_dir / ".state.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     assert train_module.main(train_args(mnist_dir, save_dir, "--max_steps", 4, "--resume")) == 0
-    assert [r["step"] for r in metrics(save_dir)] == [2, 3, 4]
+    assert [(r["step"], "test_bpd" in r) for r in metrics(save_dir)] == [(2, False), (3, False), (3, True), (4, False), (4, True)]
     assert not list(save_dir.glob(".*.tmp"))
     capsys.readouterr()
     other = write_random_mnist(tmp_path / "other", 64, 20, seed=1)
@@ -358,7 +359,8 @@ def test_a_signal_during_evaluation_stops_within_a_batch_and_resumes_exactly(mni
     # of all its steps, and the test bits/dim of its EMA model.
     *steps, epoch = metrics(save_dir)
     assert [r["step"] for r in steps] == [1, 2] and epoch["epoch"] == 0
-    assert epoch["train_bpd"] == pytest.approx(sum(r["train_bpd"] for r in steps) / 2, rel=1e-12)
+    assert epoch["epoch_train_bpd"] == pytest.approx(sum(r["train_bpd"] for r in steps) / 2, rel=1e-12)
+    assert "train_bpd" not in epoch  # one batch's number and the epoch's mean have different names
     test_images = data_module.load_dataset("mnist", mnist_dir, "test").images[:6]
     assert epoch["test_bpd"] == pytest.approx(fastpixel.bits_per_dim(fastpixel.load(save_dir), test_images), rel=1e-6)
 

@@ -23,17 +23,18 @@ def environment(**changes):
     return dict(env, **changes)
 
 
-def test_fast_sampling_writes_grid_and_array_equal_to_naive(checkpoint, tmp_path):
-    fast = run_cli("--fast", "--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", "--backend", "torch",
+def test_cached_sampling_is_the_default_and_equals_naive(checkpoint, tmp_path):
+    fast = run_cli("--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--npy", "fast.npy", "--backend", "torch",
                    cwd=tmp_path)
     assert fast.returncode == 0, fast.stderr
     assert "wrote samples.png: 5 images in" in fast.stdout and "images/s" in fast.stdout
     assert "cached sampling, torch backend, on cpu" in fast.stdout
     assert fast.stderr.count("fastpixel: cached sampling, torch backend, on cpu\n") == 1
     assert "row" in fast.stderr  # the progress bar
-    naive = run_cli("--checkpoint", checkpoint, "-n", 5, "--seed", 3, "--out", "naive.png", "--npy", "naive.npy",
-                    "--batch-size", 2, cwd=tmp_path)
+    naive = run_cli("--naive", "--checkpoint", checkpoint, "--num_samples", 5, "--seed", 3, "--out", "naive.png",
+                    "--npy", "naive.npy", "--batch-size", 2, cwd=tmp_path)
     assert naive.returncode == 0, naive.stderr
+    assert "naive sampling" in naive.stdout
     images = np.load(tmp_path / "fast.npy")
     assert images.shape == (5, 1, 8, 12) and images.dtype == np.uint8
     assert np.array_equal(images, np.load(tmp_path / "naive.npy"))
@@ -78,7 +79,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, a
     (["--fast"], {"FASTPIXEL_BACKEND": "bogus"}, "FASTPIXEL_BACKEND=bogus: unknown backend"),
     pytest.param(["--fast", "--backend", "triton"], {}, "Triton kernels need CUDA tensors",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs here")),
-    (["--backend", "triton"], {"TRITON_INTERPRET": "1"}, "applies to the cached sampler only"),
+    (["--naive", "--backend", "triton"], {"TRITON_INTERPRET": "1"}, "applies to the cached sampler only"),
 ])
 def test_backend_that_cannot_run_is_one_line_exit_2_before_sampling(checkpoint, tmp_path, args, env, message):
     assert_refused(["--checkpoint", checkpoint, *args], message, tmp_path, env=environment(**env))
@@ -105,8 +106,11 @@ def assert_refused(args, message, cwd, env=None):
     assert set(cwd.iterdir()) == before
 
 
-def test_importing_the_cli_module_keeps_fastpixel_sample_callable():
-    import fastpixel.sample  # noqa: F401  (binds the name fastpixel.sample to the module)
+def test_importing_the_cli_module_keeps_fastpixel_sample_the_function():
+    import fastpixel.sample  # noqa: F401  (would bind the name fastpixel.sample to the module)
+    from fastpixel.sample import main
 
+    assert fastpixel.sample is fastpixel.sampling.sample and callable(main)
+    assert "Draw n images" in fastpixel.sample.__doc__  # what help(fastpixel.sample) shows
     images = fastpixel.sample(tiny_model(dtype=torch.float32), 1, seed=0)
     assert images.shape == (1, 1, 8, 12)

@@ -16,7 +16,7 @@ def test_naive_sample_consumes_the_contract_noise(channels, num_classes):
     parameters used at every step; with image i's noise they must reproduce the images."""
     model = tiny_model(channels=channels, num_classes=num_classes, nonlocal_block=True, coordconv=True)
     labels = None if num_classes is None else torch.tensor([3, 1, 0])
-    images = fastpixel.sample(model, 3, seed=7, labels=labels)
+    images = fastpixel.sample(model, 3, fast=False, seed=7, labels=labels)
     assert images.dtype == torch.uint8 and images.shape == (3, channels, 8, 12)
     x = to_model_input(images, torch.float64)
     noise = torch.stack([image_noise(model.config, 7, i) for i in range(3)])
@@ -27,9 +27,9 @@ def test_naive_sample_consumes_the_contract_noise(channels, num_classes):
 
 def test_image_i_does_not_depend_on_n_or_batch_size():
     model = tiny_model(dtype=torch.float32)
-    full = fastpixel.sample(model, 5, seed=3, batch_size=2)
-    assert torch.equal(fastpixel.sample(model, 3, seed=3), full[:3])
-    assert not torch.equal(fastpixel.sample(model, 3, seed=4), full[:3])
+    full = fastpixel.sample(model, 5, fast=False, seed=3, batch_size=2)
+    assert torch.equal(fastpixel.sample(model, 3, fast=False, seed=3), full[:3])
+    assert not torch.equal(fastpixel.sample(model, 3, fast=False, seed=4), full[:3])
 
 
 def test_first_draws_a_slice_of_the_one_process_images_and_labels():
@@ -37,21 +37,21 @@ def test_first_draws_a_slice_of_the_one_process_images_and_labels():
     model = tiny_model(dtype=torch.float32, num_classes=3)
     full = fastpixel.sample(model, 7, fast=True, seed=2)
     assert torch.equal(fastpixel.sample(model, 3, fast=True, seed=2, first=4), full[4:])
-    assert torch.equal(fastpixel.sample(model, 2, seed=2, first=1, labels=[1, 2]), full[1:3])
+    assert torch.equal(fastpixel.sample(model, 2, fast=False, seed=2, first=1, labels=[1, 2]), full[1:3])
     assert fastpixel.sample(model, 0, fast=True, seed=2, first=7).shape == (0, 1, 8, 12)
 
 
 def test_conditional_sampling_cycles_classes_by_default():
     model = tiny_model(num_classes=3)
-    assert torch.equal(fastpixel.sample(model, 4, seed=1), fastpixel.sample(model, 4, seed=1, labels=[0, 1, 2, 0]))
-    assert torch.equal(fastpixel.sample(model, 2, seed=1, labels=2), fastpixel.sample(model, 2, seed=1, labels=[2, 2]))
+    assert torch.equal(fastpixel.sample(model, 4, fast=False, seed=1), fastpixel.sample(model, 4, fast=False, seed=1, labels=[0, 1, 2, 0]))
+    assert torch.equal(fastpixel.sample(model, 2, fast=False, seed=1, labels=2), fastpixel.sample(model, 2, fast=False, seed=1, labels=[2, 2]))
 
 
 def test_sampling_restores_training_mode_and_samples_in_eval_mode():
     model = tiny_model(dropout=0.5)
-    reference = fastpixel.sample(model, 2, seed=0)
+    reference = fastpixel.sample(model, 2, fast=False, seed=0)
     model.train()
-    assert torch.equal(fastpixel.sample(model, 2, seed=0), reference)
+    assert torch.equal(fastpixel.sample(model, 2, fast=False, seed=0), reference)
     assert model.training
 
 
@@ -59,20 +59,20 @@ def test_sample_rejects_bad_arguments():
     model = tiny_model(dtype=torch.float32)
     cond = tiny_model(dtype=torch.float32, num_classes=3)
     with pytest.raises(ValueError, match="n must be a non-negative int"):
-        fastpixel.sample(model, -1)
+        fastpixel.sample(model, -1, fast=False)
     with pytest.raises(ValueError, match="not class-conditional"):
-        fastpixel.sample(model, 2, labels=[0, 1])
+        fastpixel.sample(model, 2, fast=False, labels=[0, 1])
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        fastpixel.sample(cond, 2, labels=[0, 1, 2])
+        fastpixel.sample(cond, 2, fast=False, labels=[0, 1, 2])
     with pytest.raises(ValueError, match=r"in 0\.\.2"):
-        fastpixel.sample(cond, 2, labels=[0, 3])
+        fastpixel.sample(cond, 2, fast=False, labels=[0, 3])
     with pytest.raises(ValueError, match="seed"):
-        fastpixel.sample(model, 2, seed=-5)
+        fastpixel.sample(model, 2, fast=False, seed=-5)
     with pytest.raises(ValueError, match="batch_size"):
-        fastpixel.sample(model, 2, batch_size=0)
+        fastpixel.sample(model, 2, fast=False, batch_size=0)
     with pytest.raises(ValueError, match="first must be a non-negative int"):
-        fastpixel.sample(model, 2, first=-1)
-    assert fastpixel.sample(model, 0).shape == (0, 1, 8, 12)
+        fastpixel.sample(model, 2, fast=False, first=-1)
+    assert fastpixel.sample(model, 0, fast=False).shape == (0, 1, 8, 12)
 
 
 def test_forced_backend_that_cannot_run_fails_before_sampling(monkeypatch):
@@ -87,7 +87,7 @@ def test_forced_backend_that_cannot_run_fails_before_sampling(monkeypatch):
     monkeypatch.delenv("FASTPIXEL_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that triton could run, and only the naive sampler refuses it
     with pytest.raises(ValueError, match="applies to the cached sampler only"):
-        fastpixel.sample(model, 2, backend="triton")
+        fastpixel.sample(model, 2, fast=False, backend="triton")
 
 
 @pytest.mark.parametrize("fast, line", [
@@ -114,3 +114,11 @@ def test_bits_per_dim_is_mean_nll_in_bits():
         fastpixel.bits_per_dim(model, images[:, :1])
     with pytest.raises(ValueError, match="batch_size"):
         fastpixel.bits_per_dim(model, images, batch_size=0)
+
+
+def test_cached_sampling_is_the_default_and_auto_names_the_automatic_backend(capsys):
+    model = tiny_model()  # float64: naive and cached agree bit for bit
+    default = fastpixel.sample(model, 2, seed=4, progress=True)
+    assert "fastpixel: cached sampling, cext backend, on cpu" in capsys.readouterr().err
+    assert torch.equal(fastpixel.sample(model, 2, seed=4, backend="auto"), default)
+    assert torch.equal(fastpixel.sample(model, 2, fast=False, seed=4), default)

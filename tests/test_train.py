@@ -28,7 +28,7 @@ def metrics(save_dir: Path) -> list[dict]:
 
 
 def train_losses(save_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_bpd"] for r in metrics(save_dir) if "train_bpd" in r and "test_bpd" not in r}
+    return {r["step"]: r["train_bpd"] for r in metrics(save_dir) if "train_bpd" in r}
 
 
 def test_training_writes_checkpoints_metrics_samples_and_curves(mnist_dir, tmp_path):
@@ -191,12 +191,54 @@ def test_resume_refuses_what_would_make_it_inexact(mnist_dir, tmp_path):
     out = run_train(*common, "--resume")
     assert out.returncode == 2 and "no training state" in out.stderr
     assert run_train(*common, "--max_steps", "1").returncode == 0
-    for change, flag in [(["--seed", "2"], "--seed"), (["--lr", "0.01"], "--lr"), (["--batch_size", "16"], "--batch_size")]:
+    for change, named in [(["--seed", "2"], "--seed 2 (the run has 1)"), (["--lr", "0.01"], "--lr 0.01 (the run has 0.001)"),
+                          (["--batch_size", "16"], "--batch_size 16 times 1 processes (the run has 8 times 1)"),
+                          (["--nr_filters", "16"], "--nr_filters 16 (the run has 8)")]:
         out = run_train(*common, "--resume", "--max_steps", "2", *change)
-        assert out.returncode == 2 and flag in out.stderr and "differ" in out.stderr, change
+        assert out.returncode == 2 and named in out.stderr and "would not continue the run" in out.stderr, change
     (tmp_path / "run" / "state.pt").write_bytes(b"garbage")
     out = run_train(*common, "--resume", "--max_steps", "2")
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_resume_takes_the_architecture_and_settings_from_the_run(mnist_dir, tmp_path):
+    """`--resume --save_dir X` alone continues the run as it was started (-r and --load_params,
+    the original's spellings, too); an option that does not make the resume inexact applies."""
+    save_dir, whole = tmp_path / "run", tmp_path / "whole"
+    base = ["--data_set", "mnist", "--data_dir", mnist_dir, "--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix",
+            "2", "--init_batch_size", "16", "--batch_size", "8", "--lr", "0.002", "--dropout_p", "0", "--no_download",
+            "--num_samples", "0", "--eval_batch_size", "50", "--log_every", "1"]
+    assert run_train(*base, "--save_dir", save_dir, "--max_steps", "2").returncode == 0
+    out = run_train("--resume", "--save_dir", save_dir, "--max_steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert run_train("-r", "--save_dir", save_dir, "--max_steps", "4", "--nr_filters", "8").returncode == 0
+    assert run_train("--load_params", "--save_dir", save_dir, "--max_steps", "5").returncode == 0
+    state = torch.load(save_dir / "state.pt", weights_only=True)
+    saved = json.loads(state["args"])
+    assert state["step"] == 5 and saved["lr"] == 0.002 and saved["nr_filters"] == 8 and saved["max_steps"] == 5
+    assert run_train(*base, "--save_dir", whole, "--max_steps", "5").returncode == 0  # the same losses uninterrupted
+    assert train_losses(save_dir) == train_losses(whole)
+
+
+def test_a_short_run_reports_like_an_epoch_and_its_bar_ends_where_it_stops(mnist_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", save_dir, *TINY, "--batch_size", "8",
+                    "--max_steps", "3", "--max_test_images", "20")
+    assert out.returncode == 0, out.stderr
+    assert "3/3" in out.stderr and "/8 " not in out.stderr  # an epoch of 64 images is 8 batches
+    tested = [r for r in metrics(save_dir) if "test_bpd" in r]
+    assert len(tested) == 1 and tested[0]["step"] == 3 and tested[0]["partial_epoch"] and np.isfinite(tested[0]["test_bpd"])
+    assert f"test bits/dim {tested[0]['test_bpd']:.4f} on 20 images" in out.stdout
+    assert (save_dir / "curves.png").stat().st_size > 0 and (save_dir / "samples_step0000003.png").stat().st_size > 0
+
+
+def test_max_train_images_trains_on_part_of_the_training_set(mnist_dir, tmp_path):
+    save_dir = tmp_path / "run"
+    out = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--save_dir", save_dir, *TINY, "--batch_size", "8",
+                    "--max_train_images", "24", "--max_epochs", "2", "--num_samples", "0")
+    assert out.returncode == 0, out.stderr
+    state = torch.load(save_dir / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["epoch"] == 2 and state["data"].startswith("24 images")  # 2 epochs of 24 // 8
 
 
 def test_missing_mnist_files_are_named_without_downloading(tmp_path):

@@ -114,6 +114,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, fami
     `family` ("pixelcnnpp", "pixelcnn", "gated") refuses a model of any other family.
     A damaged, foreign or inconsistent file raises a CheckpointError that names it."""
     required = None if family is None else family_named(family)
+    _check_device(device)
     path = _model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fastpixel model file at {path}")
@@ -132,11 +133,35 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, fami
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        raise CheckpointError(_unreadable(path, err)) from None
     _check_contents(path, metadata, tensors)
     model = found.model(config)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     return model.to(device or "cpu").eval()
+
+
+def _check_device(device) -> None:
+    """A device this torch cannot use is the user's mistake, said plainly (torch itself asserts)."""
+    if device is None:
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {str(device)!r} was asked for, but {why}: load on device='cpu'")
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why `path` is no safetensors file, naming what it is when that is recognisable."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or an older raw pickle
+        return (f"{path} is a torch.save file, not a fastpixel model file: a pclucas14/pixel-cnn-pp state_dict "
+                f"converts with `python -m fastpixel.convert --from pclucas14 {path} model.safetensors`; a fastpixel "
+                "model is saved with fastpixel.save(model, path)")
+    return f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
 
 
 def _config(path: Path, metadata: dict[str, str]) -> tuple[Family, object]:

@@ -18,6 +18,7 @@ before a file is written.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -202,9 +203,12 @@ def from_pclucas14(path: str | os.PathLike, *, image_size=None, channels: int | 
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConvertError(f"no pclucas14 checkpoint at {path}") from None
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not advice to echo
+        raise ConvertError(f"{path} holds Python objects besides tensors (a whole model or a training state, not "
+                           "a state_dict), and running their code is not safe: save the model's state_dict() "
+                           "(torch.save(model.state_dict(), path)) and convert that") from None
     except Exception as err:  # torch raises many kinds for a file that is not a state_dict
-        raise ConvertError(f"{path} is not a PyTorch state_dict readable without unpickling code: "
-                           f"{' '.join(str(err).split())[:200]}") from None
+        raise ConvertError(f"{path} is not a PyTorch state_dict file: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ConvertError(f"{path} does not hold a state_dict (a dict of tensors)")
     state = {}

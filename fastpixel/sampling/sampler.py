@@ -20,20 +20,21 @@ from .naive import naive_rows
 from .noise import DEFAULT_BATCH, check_fits, image_noise
 
 
-def sample(model, n: int, fast: bool = False, seed: int | None = None,
+def sample(model, n: int, fast: bool = True, seed: int | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, progress: bool = False,
            batch_size: int | None = None, backend: str | None = None, first: int = 0,
            prefix: torch.Tensor | np.ndarray | None = None, keep: int | Sequence[int] | None = None) -> torch.Tensor:
     """Draw n images, uint8 (n, C, H, W) on the CPU, on the model's device and in its dtype;
     a prior over discrete codes (categorical_inputs) returns int64 codes (n, H, W).
 
-    fast=True uses the incremental activation cache; with the same seed it returns the
-    same images as the naive sampler (bit for bit in float64; in lower precision the two
+    By default (fast=True) the model's cache draws them, about one forward pass per image;
+    fast=False runs the naive sampler, a full forward pass per pixel, the reference: with the
+    same seed both return the same images (bit for bit in float64; in lower precision the two
     compute the same parameters to rounding, so a draw that lands on a bin edge may differ).
     Class-conditional models take one label per image (default: cycle through the classes
     by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
     cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
-    `backend` ("torch", "triton", "cext"; None: $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    `backend` ("torch", "triton", "cext"; None or "auto": $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
     fastpixel.backend (the masked families run "cext" or "torch"). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
 
@@ -102,6 +103,8 @@ def resolve_backend(device: torch.device | str, fast: bool, requested: str | Non
     fastpixel.backend.BackendError when it cannot run here) before any work. An engine with
     no steps for the family's cache (Triton has none for the masked families) is refused
     when forced, and where the automatic choice would take it, the family takes "torch"."""
+    if requested == "auto":
+        requested = None
     if fast:
         forced = requested or os.environ.get(ENV_VAR)
         if forced in engines.ENGINES and not engines.runs(forced, family):
@@ -112,8 +115,8 @@ def resolve_backend(device: torch.device | str, fast: bool, requested: str | Non
         name = choose(device, requested, dtype)  # also checks a backend forced by $FASTPIXEL_BACKEND
         return name if engines.runs(name, family) else "torch"
     if requested not in (None, "torch"):
-        raise ValueError(f"backend {requested!r} applies to the cached sampler only (fast=True, --fast): "
-                         "the naive sampler runs plain PyTorch layers")
+        raise ValueError(f"backend {requested!r} applies to the cached sampler only (the default; not fast=False "
+                         "or --naive): the naive sampler runs plain PyTorch layers")
     if requested is None and os.environ.get(ENV_VAR):
         choose(device, None, dtype)  # a bad $FASTPIXEL_BACKEND is an error here too
     return "torch"
