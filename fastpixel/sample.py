@@ -37,7 +37,7 @@ from .io.checkpoint import bundled_models, load, write_array
 from .io.grid import class_columns, save_grid
 from .io.sources import SourceError, read_source
 from .models.families import family_of
-from .usage import Parser, UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
 
 PROGRAM = "python -m fastpixel.sample"
 _T = TypeVar("_T")
@@ -238,17 +238,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # As torchrun sets them; one process without it, on the same code path.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    code = _draw(args, rank, world)
+    if world > 1:
+        leave_process_group(code)
+    return code
+
+
+def _draw(args: argparse.Namespace, rank: int, world: int) -> int:
+    """Draw and write; the exit code."""
     try:
         device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
         if world > 1:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # NCCL's collectives run on the current device
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        try:
-            summary = run(args, device, rank, world)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        summary = run(args, device, rank, world)
     except UsageError as err:
         return report(PROGRAM, err) if rank == 0 else 2
     except KeyboardInterrupt:

@@ -56,7 +56,7 @@ from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
-from .usage import Parser, UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
 
 PROGRAM = "python -m fastpixel.train"
 STATE_FILE = "state.pt"
@@ -754,6 +754,14 @@ def main(argv=None) -> int:
     interrupts_raise()
     args = parse_args(argv)
     procs = start_processes()
+    code = _run(args, procs)
+    if procs.world > 1:
+        leave_process_group(code)
+    return code
+
+
+def _run(args: argparse.Namespace, procs: Processes) -> int:
+    """Train; the exit code."""
     try:
         train(args, procs)
     except UsageError as err:
@@ -764,9 +772,6 @@ def main(argv=None) -> int:
         if procs.main:
             print(f"{PROGRAM}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
-    finally:
-        if procs.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

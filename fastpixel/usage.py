@@ -106,6 +106,26 @@ def check_writable(name: str, option: str, directory: bool = False, parents: boo
     return path
 
 
+def leave_process_group(code: int) -> None:
+    """End a `torchrun` rank after its work is written: destroy the process group, flush the
+    output and exit with `code` without finalising the interpreter.
+
+    Why not a plain return: DistributedDataParallel keeps gloo's worker threads alive past
+    destroy_process_group (torch joins them only when the group object is freed, and the
+    reducer holds it), and a worker that drops its last collective's tensors after the main
+    thread has begun finalising must take the GIL for them; Python 3.11 answers that with
+    pthread_exit, which ends in std::terminate ("terminate called without an active
+    exception", SIGABRT) after a complete run. Nothing this process needs runs at
+    finalisation: its files are written and closed, and stdout and stderr are flushed here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _interrupted_while_importing(signum, frame) -> None:
     print("fastpixel: interrupted while starting; nothing was written", file=sys.stderr)
     os._exit(130)

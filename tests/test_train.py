@@ -80,7 +80,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(mnist_di
         "dist.all_gather(gathered, flat)\n"
         "if procs.main:\n"
         "    print('ranks identical:', all(torch.equal(gathered[0], g) for g in gathered))\n"
-        "dist.destroy_process_group()\n")
+        "from fastpixel.usage import leave_process_group\n"
+        "leave_process_group(0)\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     double = run_train(*common, "--batch_size", "8", "--save_dir", tmp_path / "ddp", launcher=(*torchrun, str(worker)),
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -102,6 +103,25 @@ def test_torchrun_cli_runs_with_gloo_on_the_cpu(mnist_dir, tmp_path):
                     env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     assert fastpixel.load(tmp_path / "run").config.nr_filters == 8
+
+
+def test_two_process_training_exits_cleanly_every_time_with_the_cores_busy(mnist_dir, tmp_path):
+    """Rank processes used to abort at exit now and then ("terminate called without an active
+    exception"): a gloo thread, kept alive by DDP, took the GIL during interpreter finalisation.
+    Runs of the CLI beside a busy loop on each core (stopped at the end) must all exit 0."""
+    busy = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 300\nwhile time.time() < end: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        for run in range(3):
+            out = run_train("--nproc_per_node", "2", "-m", "fastpixel.train", "--data_set", "mnist", "--data_dir",
+                            mnist_dir, "--save_dir", tmp_path / f"run{run}", *TINY, "--batch_size", "8", "--max_steps", "4",
+                            "--num_samples", "0", launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-3000:]
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def test_non_finite_losses_never_reach_the_weights(mnist_dir, tmp_path, monkeypatch, capsys):
