@@ -378,3 +378,12 @@ def test_codes_are_sampled_and_scored_as_codes():
     with torch.no_grad():
         expected = float(model.nll(model(codes, labels_for(model, 3)), codes).sum()) / (codes.numel() * 0.6931471805599453)
     assert abs(bpd - expected) < 1e-9
+
+
+@pytest.mark.parametrize("family", [fastpixel.GatedPixelCNN, fastpixel.PixelCNN])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_defaults_hold_for_every_channel_count(family, channels):
+    """An RGB Gated PixelCNN with its defaults used to fail (10 output features, not divisible by 3)."""
+    config = family.config_class(image_size=4, channels=channels)
+    assert config.out_hidden_fmaps % channels == 0 and family.config_class.from_json(config.to_json()) == config
+    assert fastpixel.sample(family(config), 1, seed=0).shape == (1, channels, 4, 4)

@@ -28,6 +28,8 @@ class MaskedConfig(JsonConfig):
     color_levels: N levels per sub-pixel (2..256), or with `categorical_inputs` the number
     of codes K (2..4096) of a map of integer codes (B, H, W), read through an embedding.
     Kernel sizes are odd; for RGB the feature counts are divisible by 3 (a group per colour).
+    out_hidden_fmaps=None takes the family's count rounded up to a multiple of the channels,
+    so that the defaults hold for RGB too.
     """
 
     image_size: int | tuple[int, int] = 28
@@ -38,8 +40,9 @@ class MaskedConfig(JsonConfig):
     causal_ksize: int = 7
     hidden_ksize: int = 7
     hidden_fmaps: int = 30
-    out_hidden_fmaps: int = 10
+    out_hidden_fmaps: int | None = None
     hidden_layers: int = 6
+    default_out_hidden_fmaps = 10  # not a field: what out_hidden_fmaps=None means, before rounding
 
     def __post_init__(self) -> None:
         self.image_size = image_size(self.image_size)
@@ -47,6 +50,8 @@ class MaskedConfig(JsonConfig):
             raise ValueError(f"image_size must be positive, got {self.image_size!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.out_hidden_fmaps is None:
+            self.out_hidden_fmaps = -(-self.default_out_hidden_fmaps // self.channels) * self.channels
         check_num_classes(self.num_classes)
         check_flags(self, ("categorical_inputs",))
         most = categorical.MAX_CODES if self.categorical_inputs else categorical.MAX_IMAGE_LEVELS

@@ -25,7 +25,7 @@ from .family import MaskedConfig, MaskedConv2d, MaskedFamily, gate, gate_groups,
 @dataclass
 class GatedConfig(MaskedConfig):
     """A Gated PixelCNN. hidden_fmaps is p: each stack carries p features. The defaults (7x7
-    kernels, p = 30, 6 gated blocks, 10 output features, 256 levels) are a small model that
+    kernels, p = 30, 6 gated blocks, 10 output features (12 for RGB), 256 levels) are a small model that
     trains on MNIST on a CPU; `mnist-gated` is larger (5x5, p = 48, 7 blocks, 64)."""
 
 

@@ -27,7 +27,7 @@ class PixelCNNConfig(MaskedConfig):
 
     hidden_ksize: int = 3
     hidden_fmaps: int = 48
-    out_hidden_fmaps: int = 30
+    default_out_hidden_fmaps = 30
     hidden_layers: int = 7
 
 
