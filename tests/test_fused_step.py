@@ -41,3 +41,26 @@ def test_sample_with_triton_backend_equals_naive_sampling():
     model = tiny_model(num_classes=2, image_size=(4, 8)).to(DEVICE)
     expected = fastpixel.sample(model, 2, fast=False, seed=5)
     assert torch.equal(fastpixel.sample(model, 2, fast=True, seed=5, backend="triton"), expected)
+
+
+def test_an_automatic_triton_that_fails_at_run_time_falls_back_to_torch_with_the_same_images(monkeypatch):
+    """The Triton path has never run on a GPU: where `auto` chose it and its first step fails
+    (a compile error on the user's Triton, a capture or launch failure), one warning names the
+    error and the PyTorch engine finishes the request; a forced Triton still fails loudly."""
+    from fastpixel import backend
+    from fastpixel.sampling.engines import fused
+
+    model = tiny_model(image_size=(4, 8), num_classes=2).to(DEVICE)
+    expected = fastpixel.sample(model, 3, seed=5, backend="torch", batch_size=2)
+
+    def launch_fails(self, r, c, known=None):
+        raise RuntimeError("simulated launch failure: invalid device function")
+
+    monkeypatch.setattr(fused.FusedSteps, "step", launch_fails)
+    monkeypatch.setattr(backend, "_automatic", lambda device, dtype: "triton")
+    monkeypatch.delenv("FASTPIXEL_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="the Triton engine failed \\(RuntimeError: simulated launch failure"):
+        images = fastpixel.sample(model, 3, seed=5, batch_size=2)
+    assert torch.equal(images, expected)
+    with pytest.raises(RuntimeError, match="simulated launch failure"):
+        fastpixel.sample(model, 3, seed=5, backend="triton")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,7 +35,9 @@ def sample(model, n: int, fast: bool = True, seed: int | None = None,
     Class-conditional models take one label per image (default: cycle through the classes
     by image index). batch_size=None draws DEFAULT_BATCH images at a time; a draw that
     cannot fit in memory is a ValueError before any work. seed=None draws a fresh seed.
-    `backend` ("torch", "triton", "cext"; None or "auto": $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler; see
+    `backend` ("torch", "triton", "cext"; None or "auto": $FASTPIXEL_BACKEND, else the fastest here) runs the cached sampler
+    (where the automatic choice is Triton and it fails at run time, a warning names the error and the
+    PyTorch engine draws the same images; a forced Triton fails loudly); see
     fastpixel.backend (the masked families run "cext" or "torch"). `first` > 0 draws images first .. first+n-1 of the seed's sequence,
     so processes that split the indices together return one draw's images.
 
@@ -80,10 +83,28 @@ def sample(model, n: int, fast: bool = True, seed: int | None = None,
             x = torch.zeros((stop - start, config.channels, *config.shape), dtype=torch.int64 if codes else param.dtype,
                             device=param.device)
             batch_known = None if known is None else (known[start:stop].to(param.device), keep[start:stop])
-            for _ in _rows(model, fast, name, x, noise, batch_labels, batch_known):
-                bar.update(1)
+            rows = 0
+            try:
+                for rows, _ in enumerate(_rows(model, fast, name, x, noise, batch_labels, batch_known), 1):
+                    bar.update(1)
+            except Exception as err:  # noqa: BLE001  (whatever a GPU path that never ran here may raise)
+                if not (name == "triton" and _automatic(backend)):
+                    raise
+                warnings.warn(f"fastpixel: the Triton engine failed ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+                              "drawing with the PyTorch engine instead (same images; --backend triton shows the error)",
+                              RuntimeWarning, stacklevel=2)
+                name = "torch"
+                bar.update(-rows)
+                x.zero_()
+                for _ in _rows(model, fast, name, x, noise, batch_labels, batch_known):
+                    bar.update(1)
             images[start:stop] = x.cpu() if codes else to_uint8(x).cpu()
     return images[:, 0] if codes else images
+
+
+def _automatic(requested: str | None) -> bool:
+    """Whether the backend was the automatic choice (so a Triton failure may fall back)."""
+    return (requested or os.environ.get(ENV_VAR) or "auto") == "auto"
 
 
 def _rows(model, fast: bool, backend: str, x: torch.Tensor, noise: torch.Tensor, labels,
