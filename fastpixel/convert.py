@@ -9,6 +9,7 @@ How the weights are mapped: fastpixel/io/converters.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     options = dict(image_size=args.image_size, channels=args.channels, nr_resnet=args.nr_resnet,
                    nr_filters=args.nr_filters, nr_logistic_mix=args.nr_logistic_mix)
     try:
+        if Path(args.out).exists() and Path(args.checkpoint).exists() and os.path.samefile(args.out, args.checkpoint):
+            raise UsageError(f"the output {args.out} is the checkpoint being converted: choose another name")
         if args.source == "openai":
             model = from_openai(args.checkpoint, resnet_nonlinearity=args.resnet_nonlinearity, **options)
         elif args.resnet_nonlinearity not in (None, "concat_elu"):

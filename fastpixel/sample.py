@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -113,6 +114,8 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world:
         raise UsageError(str(err)) from None
     if _codes(model) and args.npy is None:
         raise UsageError("this model draws maps of discrete codes, not images: pass --npy FILE to save them")
+    if writer:
+        _check_outputs(args, grid=not _codes(model))
     num_classes = model.config.num_classes
     if args.label is not None and num_classes is None:
         raise UsageError("--label was given, but this model is not class-conditional")
@@ -161,12 +164,12 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
     written = args.npy if _codes(model) else args.out
     if not _codes(model) and args.source is not None:
         grid, columns = _completion_grid(args.source.images, images, args.keep_rows)
-        save_grid(grid, args.out, columns)
+        _write(args.out, lambda: save_grid(grid, args.out, columns))
     elif not _codes(model):
         cycled = args.label is None  # the default labels cycle through the classes
-        save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None)
+        _write(args.out, lambda: save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None))
     if args.npy is not None:
-        write_array(args.npy, images.numpy())
+        _write(args.npy, lambda: write_array(args.npy, images.numpy()))
     processes = f", {world} processes" if world > 1 else ""
     what = f"{n} {'code maps' if _codes(model) else 'images'}"
     if args.source is not None:
@@ -174,6 +177,25 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
                 f"(first {args.keep_rows} rows kept)")
     return (f"wrote {written}: {what} in {seconds:.2f} s "
             f"({n / seconds:.2f} images/s; {sampling.describe(args.fast, backend, device)}{processes})")
+
+
+def _write(path: str, write: Callable[[], None]) -> None:
+    """Run `write`; a failure (a full disk, /dev/full) is the user's one-line error."""
+    try:
+        write()
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _check_outputs(args: argparse.Namespace, grid: bool) -> None:
+    """A PNG grid goes under a .png name (or into a special file such as /dev/null), and never
+    into the file --npy names."""
+    out = Path(args.out)
+    special = out.exists() and not out.is_file()
+    if grid and not special and out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out}: a PNG grid is written there; give it a .png name")
+    if grid and args.npy is not None and not special and os.path.realpath(args.npy) == os.path.realpath(args.out):
+        raise UsageError(f"--out and --npy both name {args.out}: the array would overwrite the grid")
 
 
 def _total(args: argparse.Namespace) -> int:

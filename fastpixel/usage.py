@@ -93,7 +93,9 @@ def check_writable(name: str, option: str, directory: bool = False, parents: boo
         raise UsageError(f"{option} {path} is {'not ' if directory else ''}a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"cannot write {path}: it is read-only")
-    folder = path if directory else path.parent
+    if path.exists() and not path.is_file() and not directory:
+        return path  # /dev/null, a FIFO: written into as it is (io.checkpoint.write_atomically)
+    folder = Path(os.path.realpath(path)).parent if path.is_symlink() else (path if directory else path.parent)
     if not (parents or directory) and not folder.is_dir():
         raise UsageError(f"cannot write {path}: directory {folder} does not exist")
     existing = next(p for p in (folder, *folder.parents) if p.exists())

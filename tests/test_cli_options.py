@@ -99,3 +99,10 @@ def test_no_option_is_guessed_from_a_prefix(tool, argv, refused, capsys):
     with pytest.raises(SystemExit) as stop:
         module.parse_args(argv)
     assert stop.value.code == 2 and refused in capsys.readouterr().err
+
+
+def test_eval_refuses_a_heatmap_name_that_is_not_png(tmp_path, capsys):
+    from fastpixel import eval as eval_cli
+    code = eval_cli.main(["--checkpoint", "mnist", "--data_set", "mnist", "--data_dir", str(tmp_path), "--heatmap",
+                          str(tmp_path / "heat.jpg"), "--no_download"])
+    assert code == 2 and "give it a .png name" in capsys.readouterr().err

@@ -522,3 +522,11 @@ def test_readme_conversion_commands_are_valid():
     assert len(commands) == 2
     for command in commands:
         convert.parse_args(shlex.split(command))
+
+
+def test_converting_onto_the_source_file_is_refused_before_reading_it(tmp_path, capsys):
+    path = tmp_path / "m.pth"
+    torch.save(pclucas14_state_dict(1, nr_resnet=1, nr_filters=4, nr_mix=2), path)
+    before = path.read_bytes()
+    assert convert.main(["--from", "pclucas14", str(path), str(path)]) == 2
+    assert "is the checkpoint being converted" in capsys.readouterr().err and path.read_bytes() == before

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,33 @@ def test_importing_the_cli_module_keeps_fastpixel_sample_the_function():
     assert "Draw n images" in fastpixel.sample.__doc__  # what help(fastpixel.sample) shows
     images = fastpixel.sample(tiny_model(dtype=torch.float32), 1, seed=0)
     assert images.shape == (1, 1, 8, 12)
+
+
+def test_outputs_write_through_links_and_into_special_files_without_replacing_them(checkpoint, tmp_path):
+    """Renaming over the output path (the atomic write) must not turn /dev/null, a FIFO or a
+    symlink into a regular file: a link is written through, a special file into."""
+    (tmp_path / "link.png").symlink_to("target.png")
+    out = run_cli("--checkpoint", checkpoint, "-n", 2, "--out", "link.png", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "link.png").is_symlink() and Image.open(tmp_path / "target.png").size == (2 * 14 + 2, 10 + 2)
+    fifo = tmp_path / "grid.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    out = run_cli("--checkpoint", checkpoint, "-n", 2, "--out", fifo, cwd=tmp_path)
+    grid = reader.communicate(timeout=60)[0]
+    assert out.returncode == 0 and grid == (tmp_path / "target.png").read_bytes()
+    assert fifo.is_fifo()
+    assert run_cli("--checkpoint", checkpoint, "-n", 1, "--out", os.devnull, cwd=tmp_path).returncode == 0
+    assert Path(os.devnull).is_char_device()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "grid.txt"], "--out grid.txt: a PNG grid is written there; give it a .png name"),
+    (["--out", "same.png", "--npy", "same.png"], "--out and --npy both name same.png"),
+    pytest.param(["--npy", "/dev/full"], "cannot write /dev/full: No space left on device",
+                 marks=pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")),
+])
+def test_outputs_that_would_clobber_or_mislead_are_one_line_errors(checkpoint, tmp_path, args, message):
+    out = run_cli("--checkpoint", checkpoint, "-n", 1, *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and out.stderr.strip().splitlines()[-1].count("error") == 1
+    assert not (tmp_path / "grid.txt").exists() and not (tmp_path / "same.png").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,7 +49,18 @@ def save(model, path: str | os.PathLike, metadata: dict[str, str] | None = None)
 
 
 def write_atomically(path: Path, write) -> None:
-    """Call write(temporary_path) next to `path`, fsync, then rename over `path`."""
+    """Call write(temporary_path) next to `path`, fsync, then rename over `path`, so that a kill
+    never leaves half a file. A symlink is written through (its target is replaced, the link
+    kept), and a path that is not a regular file (/dev/null, a FIFO, a terminal) is written
+    into as it is, never replaced: renaming over /dev/null as root would turn it into a file."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder) / path.name
+            write(str(staged))
+            with open(staged, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
