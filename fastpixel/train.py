@@ -56,6 +56,7 @@ from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
+from .sampling.noise import available_memory
 from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
 
 PROGRAM = "python -m fastpixel.train"
@@ -63,6 +64,12 @@ STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"
 STATE_KEYS = ("model", "ema", "optimizer", "schedule", "step", "epoch", "batch_in_epoch", "world", "config", "args")
 MAX_NONFINITE_IN_A_ROW = 5
+MAX_GRID = 1024  # images in a sample grid: drawn at every epoch's end, so bounded
+COPIES_OF_THE_WEIGHTS = 5  # training holds the weights, their gradients, Adam's two moments and the EMA
+# What a training step's peak holds per byte of its layers' outputs (autograd also keeps the
+# nonlinearities' inputs and outputs): measured 3.8-4.1 for PixelCNN++ 2/48/5 at batch 16 and 64
+# on the CPU (tests/test_train.py checks the estimate against a measured peak).
+ACTIVATIONS_HELD = 4
 # What a resumed run takes from the run it continues unless given, and refuses when given
 # otherwise: the architecture, the data and its order, and the optimisation (a saved optimiser
 # would silently override a new --lr). Every other option it also takes from the run unless
@@ -335,6 +342,44 @@ def config_from(args: argparse.Namespace, dataset):
         raise UsageError(f"the {args.model} model cannot take {args.data_set} images ({height}x{width}x{channels}): {err}") from None
 
 
+def check_memory(args: argparse.Namespace, config) -> None:
+    """Refuse, before building anything, a run whose memory cannot exist here (`--nr_logistic_mix
+    1000000` asked for 940 GB in its first forward pass)."""
+    needed = memory_estimate(args, config)
+    available = available_memory()
+    if needed > available:
+        raise UsageError(f"this run needs about {needed / 2**30:.3g} GiB of memory, more than the "
+                         f"{available / 2**30:.3g} GiB available here: use a smaller model, --batch_size or "
+                         "--init_batch_size")
+
+
+def memory_estimate(args: argparse.Namespace, config) -> int:
+    """Bytes a training step's peak holds: the training state (weights, gradients, Adam's
+    moments, the EMA) and one batch's activations, counted on the meta device, which
+    allocates nothing."""
+    weights, per_image = training_footprint(args.model, config)
+    return weights * COPIES_OF_THE_WEIGHTS + per_image * ACTIVATIONS_HELD * max(args.batch_size, args.init_batch_size)
+
+
+def training_footprint(family: str, config) -> tuple[int, int]:
+    """Bytes of the model's float32 weights, and of the outputs of its layers for one image."""
+    outputs = [0]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            outputs[0] += output.numel()
+
+    with torch.device("meta"):
+        model = family_named(family).model(config)
+        hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+        codes = config.categorical_inputs
+        x = torch.zeros((1, *config.shape), dtype=torch.long) if codes else torch.zeros((1, config.channels, *config.shape))
+        model(x, None if config.num_classes is None else torch.zeros(1, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    return 4 * sum(p.numel() for p in model.parameters()), 4 * outputs[0]
+
+
 def check_args(args: argparse.Namespace, procs: Processes) -> None:
     for name in ("lr", "lr_decay", "polyak_decay", "gamma", "dropout_p", "grad_clip"):
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
@@ -353,6 +398,11 @@ def check_args(args: argparse.Namespace, procs: Processes) -> None:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.save_every_steps < 0 or args.num_workers < 0 or args.num_samples < 0:
         raise UsageError("--save_every_steps, --num_workers and --num_samples must not be negative")
+    if args.num_workers > (os.cpu_count() or 1):
+        raise UsageError(f"--num_workers {args.num_workers}: this machine has {os.cpu_count()} cores; more loader "
+                         "processes than cores only compete with training")
+    if args.num_samples > MAX_GRID:
+        raise UsageError(f"--num_samples {args.num_samples}: a sample grid holds at most {MAX_GRID} images")
     if not 0 < args.lr_decay <= 1 or not 0 <= args.polyak_decay < 1:
         raise UsageError("--lr_decay must lie in (0, 1] and --polyak_decay in [0, 1)")
     if not args.lr > 0 or (args.grad_clip is not None and not args.grad_clip > 0) or args.gamma < 0:
@@ -495,6 +545,7 @@ def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Traine
     torch.manual_seed(args.seed)
     train_set, test_set = load_data(args, procs)
     config = config_from(args, train_set)
+    check_memory(args, config)
     trainer = Trainer(args, config, procs)
     trainer.data = data_identity(train_set)
     if args.resume:

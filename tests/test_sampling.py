@@ -122,3 +122,38 @@ def test_cached_sampling_is_the_default_and_auto_names_the_automatic_backend(cap
     assert "fastpixel: cached sampling, cext backend, on cpu" in capsys.readouterr().err
     assert torch.equal(fastpixel.sample(model, 2, seed=4, backend="auto"), default)
     assert torch.equal(fastpixel.sample(model, 2, fast=False, seed=4), default)
+
+
+def test_available_memory_honours_a_containers_cgroup_and_the_address_space_rlimit(tmp_path):
+    from fastpixel.sampling.noise import _cgroup_room, available_memory
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 100000000 kB\nMemAvailable: 90000000 kB\n")
+    for version, line, folder, files in [
+            ("v2", "0::/box\n", cgroups / "box", {"memory.max": "3221225472", "memory.current": "1073741824"}),
+            ("v1", "4:memory:/box\n0::/\n", cgroups / "memory" / "box",
+             {"memory.limit_in_bytes": "3221225472", "memory.usage_in_bytes": "1073741824"})]:
+        (proc / "self" / "cgroup").write_text(line)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, value in files.items():
+            (folder / name).write_text(value + "\n")
+        assert _cgroup_room(str(proc), str(cgroups)) == 2 * 2**30, version
+        assert available_memory(str(proc), str(cgroups)) == 2 * 2**30, version
+    (cgroups / "box" / "memory.max").write_text("max\n")
+    (proc / "self" / "cgroup").write_text("0::/box\n")
+    assert _cgroup_room(str(proc), str(cgroups)) is None
+
+
+def test_a_draw_beyond_the_address_space_rlimit_is_refused_up_front(tmp_path):
+    import subprocess
+    import sys
+    script = ("import resource, torch, fastpixel\n"
+              "status = open('/proc/self/status').read()\n"
+              "mapped = int(next(l for l in status.splitlines() if l.startswith('VmSize:')).split()[1]) * 1024\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    fastpixel.sample(fastpixel.load('mnist'), 2_000_000, seed=0)\n"
+              "except ValueError as err:\n"
+              "    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "needs at least" in out.stdout and "GiB of memory, more than the" in out.stdout, out.stdout + out.stderr

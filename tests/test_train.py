@@ -311,3 +311,30 @@ def test_compiled_training_gives_the_losses_of_eager_training(mnist_dir, tmp_pat
     assert sorted(losses["compiled"]) == [1, 2]
     for step, bits in losses["eager"].items():
         assert losses["compiled"][step] == pytest.approx(bits, rel=1e-4), step
+
+
+def test_the_memory_estimate_matches_a_measured_peak_and_refuses_what_cannot_fit(mnist_dir, tmp_path):
+    """The estimate that refuses a run up front, against the peak a real step reaches (the
+    process's peak resident memory above what it held before training)."""
+    script = tmp_path / "peak.py"
+    script.write_text(
+        "import resource, sys\n"
+        "from fastpixel import train\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "assert train.main(sys.argv[1:]) == 0\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n")
+    args = ["--data_set", "mnist", "--data_dir", str(mnist_dir), "--no_download", "--save_dir", str(tmp_path / "run"),
+            "--nr_resnet", "2", "--nr_filters", "48", "--nr_logistic_mix", "5", "--dropout_p", "0", "--batch_size", "32",
+            "--init_batch_size", "32", "--max_steps", "1", "--num_samples", "0", "--max_test_images", "1",
+            "--eval_batch_size", "1"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    config = fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=2, nr_filters=48, nr_logistic_mix=5, dropout=0.0)
+    estimate = train_module.memory_estimate(train_module.parse_args(args), config)
+    assert 0.6 * estimate <= peak <= 1.6 * estimate, (peak, estimate)
+    refused = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--no_download", "--save_dir", tmp_path / "huge",
+                        "--nr_logistic_mix", "1000000")
+    assert refused.returncode == 2 and "this run needs about" in refused.stderr and "GiB" in refused.stderr
+    assert not (tmp_path / "huge").exists()

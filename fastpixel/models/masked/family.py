@@ -232,7 +232,7 @@ class MaskedFamily(nn.Module):
             if (not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool
                     or tuple(x.shape[-2:]) != (height, width) or not (x.dim() == 3 or (x.dim() == 4 and x.shape[1] == 1))):
                 raise ValueError(f"x must hold {expected}, got {_describe(x)}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.color_levels):
+            if x.numel() and not x.is_meta and (int(x.min()) < 0 or int(x.max()) >= cfg.color_levels):  # meta: shapes only
                 raise ValueError(f"x must hold {expected}, got codes from {int(x.min())} to {int(x.max())}")
         else:
             expected = f"(batch, {cfg.channels}, {height}, {width}) on the [-1, 1] grid"
