@@ -102,6 +102,8 @@ def choose_conv(device: torch.device | str, requested: str | None = None) -> str
 
 def _choose_training(device: torch.device | str, requested: str | None, what: str, automatic_triton: bool) -> str:
     device = torch.device(device)
+    if device.type == "meta":  # shapes only (a memory estimate): no kernel runs
+        return "torch"
     if requested == "cext":
         raise BackendError(f"backend 'cext': the C++ engine has no {what}; choose torch or triton")
     name = requested or os.environ.get(ENV_VAR) or None

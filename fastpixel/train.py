@@ -68,7 +68,7 @@ MAX_GRID = 1024  # images in a sample grid: drawn at every epoch's end, so bound
 COPIES_OF_THE_WEIGHTS = 5  # training holds the weights, their gradients, Adam's two moments and the EMA
 # What a training step's peak holds per byte of its layers' outputs (autograd also keeps the
 # nonlinearities' inputs and outputs): measured 3.8-4.1 for PixelCNN++ 2/48/5 at batch 16 and 64
-# on the CPU (tests/test_train.py checks the estimate against a measured peak).
+# on the CPU, run alone (tests/test_train.py checks the estimate against a measured peak).
 ACTIVATIONS_HELD = 4
 # What a resumed run takes from the run it continues unless given, and refuses when given
 # otherwise: the architecture, the data and its order, and the optimisation (a saved optimiser
