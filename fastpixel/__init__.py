@@ -11,7 +11,7 @@ import types
 from .usage import quiet_interrupt_while_importing
 
 quiet_interrupt_while_importing()  # before torch: `python -m fastpixel.train` then Ctrl-C gives no traceback
-from . import io, models, sampling
+from . import io, models, sampling  # noqa: F401  (bound on import: `fastpixel.io.data.load_dataset` works)
 from .backend import BackendError
 from .extension import BuildError
 from .io.checkpoint import CheckpointError, load, save

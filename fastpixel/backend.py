@@ -23,8 +23,8 @@ shifted convolutions and gated blocks of PixelCNN++ (`fastpixel/models/pixelcnnp
 `choose_conv`: `torch` (cuDNN) unless `triton` (kernels/shifted_conv.py) is forced, until
 the fused kernels are timed against cuDNN on a GPU.
 
-`FASTPIXEL_BACKEND=torch|triton|cext` (`auto`, or unset: the automatic choice; or the `backend=` argument, or the sampling CLI's
-`--backend`) forces one. A forced backend that cannot run, or an unknown name, is an error
+`FASTPIXEL_BACKEND=torch|triton|cext` (or the `backend=` argument, or the sampling CLI's
+`--backend`) forces one; `auto`, or nothing, takes the automatic choice. A forced backend that cannot run, or an unknown name, is an error
 that says why: never a silent fallback, so a benchmark measures what it says it measures.
 """
 from __future__ import annotations

@@ -57,12 +57,11 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--batch_size and --max_images must be positive")
     if args.heatmap_images < 1:
         raise ValueError("--heatmap_images must be positive")
-    for path, option in ((args.json, "--json"), (args.per_image, "--per_image"), (args.heatmap, "--heatmap")):
+    for path, option in ((args.json, "--json"), (args.per_image, "--per_image")):
         if path is not None:
             check_writable(path, option, parents=True)
-    heatmap = None if args.heatmap is None else Path(args.heatmap)
-    if heatmap is not None and heatmap.suffix.lower() != ".png" and not (heatmap.exists() and not heatmap.is_file()):
-        raise ValueError(f"--heatmap {args.heatmap}: a PNG is written there; give it a .png name")
+    if args.heatmap is not None:
+        check_writable(args.heatmap, "--heatmap", parents=True, suffix=".png", what="a PNG")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)

@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -38,7 +37,7 @@ from .io.checkpoint import bundled_models, load, write_array
 from .io.grid import class_columns, save_grid
 from .io.sources import SourceError, read_source
 from .models.families import family_of
-from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
+from .usage import Parser, UsageError, check_writable, interrupts_raise, is_special_file, leave_process_group, report
 
 PROGRAM = "python -m fastpixel.sample"
 _T = TypeVar("_T")
@@ -60,29 +59,29 @@ def parser() -> Parser:
     how.add_argument("--fast", action="store_true",
                      help="the cached sampler: the default, accepted so that older commands still run")
     options.add_argument("--checkpoint", default="mnist",
-                        help=f"a bundled model ({', '.join(bundled_models())}), a file written by fastpixel.save, "
-                             "or a training save_dir")
+                         help=f"a bundled model ({', '.join(bundled_models())}), a file written by fastpixel.save, "
+                              "or a training save_dir")
     options.add_argument("-n", "--num_samples", type=int, default=16,
-                        help="how many images, or with --complete completions per source image")
+                         help="how many images, or with --complete completions per source image")
     options.add_argument("--batch_size", type=int, default=None,
-                        help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
+                         help=f"images per batch and process (default: up to {sampling.DEFAULT_BATCH})")
     options.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     options.add_argument("--label", type=int, default=None,
-                        help="class of every image, for class-conditional models (default: cycle through the classes)")
+                         help="class of every image, for class-conditional models (default: cycle through the classes)")
     options.add_argument("--out", default="samples.png", help="PNG grid to write")
     options.add_argument("--npy", default=None,
-                        help="also save the raw uint8 array (N, C, H, W) here (code maps: int64 (N, H, W), only here)")
+                         help="also save the raw uint8 array (N, C, H, W) here (code maps: int64 (N, H, W), only here)")
     options.add_argument("--complete", default=None, metavar="SOURCE",
-                        help="complete these images instead of drawing from scratch: a .npy array (uint8 (N, C, H, W) "
-                             "or (N, H, W)), a .png picture or a folder of them, or DATASET:SPLIT:FIRST-LAST (e.g. "
-                             "mnist:test:0-7) read from --data_dir")
+                         help="complete these images instead of drawing from scratch: a .npy array (uint8 (N, C, H, W) "
+                              "or (N, H, W)), a .png picture or a folder of them, or DATASET:SPLIT:FIRST-LAST (e.g. "
+                              "mnist:test:0-7) read from --data_dir")
     options.add_argument("--keep_rows", type=int, default=None,
-                        help="with --complete: the rows of each source image kept; the rest are drawn")
+                         help="with --complete: the rows of each source image kept; the rest are drawn")
     options.add_argument("--data_dir", default="data", help="where --complete finds DATASET:SPLIT:FIRST-LAST")
     options.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: CUDA when there is a GPU, else the CPU")
+                         help="auto: CUDA when there is a GPU, else the CPU")
     options.add_argument("--backend", choices=["auto", *NAMES], default="auto",
-                        help="who runs the cached sampler's steps (auto: $FASTPIXEL_BACKEND, else the fastest here)")
+                         help="who runs the cached sampler's steps (auto: $FASTPIXEL_BACKEND, else the fastest here)")
     return options
 
 
@@ -105,7 +104,7 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world:
     if args.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {args.seed}")
     if writer:
-        check_writable(args.out, "--out")
+        check_writable(args.out, "--out", suffix=".png", what="a PNG grid")
         if args.npy is not None:
             check_writable(args.npy, "--npy")
     try:
@@ -114,8 +113,9 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world:
         raise UsageError(str(err)) from None
     if _codes(model) and args.npy is None:
         raise UsageError("this model draws maps of discrete codes, not images: pass --npy FILE to save them")
-    if writer:
-        _check_outputs(args, grid=not _codes(model))
+    same_file = args.npy is not None and os.path.realpath(args.npy) == os.path.realpath(args.out)
+    if writer and same_file and not _codes(model) and not is_special_file(args.out):
+        raise UsageError(f"--out and --npy both name {args.out}: the array would overwrite the grid")
     num_classes = model.config.num_classes
     if args.label is not None and num_classes is None:
         raise UsageError("--label was given, but this model is not class-conditional")
@@ -185,17 +185,6 @@ def _write(path: str, write: Callable[[], None]) -> None:
         write()
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
-
-
-def _check_outputs(args: argparse.Namespace, grid: bool) -> None:
-    """A PNG grid goes under a .png name (or into a special file such as /dev/null), and never
-    into the file --npy names."""
-    out = Path(args.out)
-    special = out.exists() and not out.is_file()
-    if grid and not special and out.suffix.lower() != ".png":
-        raise UsageError(f"--out {args.out}: a PNG grid is written there; give it a .png name")
-    if grid and args.npy is not None and not special and os.path.realpath(args.npy) == os.path.realpath(args.out):
-        raise UsageError(f"--out and --npy both name {args.out}: the array would overwrite the grid")
 
 
 def _total(args: argparse.Namespace) -> int:

@@ -82,10 +82,19 @@ def report(program: str, error: BaseException) -> int:
     return 2
 
 
-def check_writable(name: str, option: str, directory: bool = False, parents: bool = False) -> Path:
+def is_special_file(path: str | os.PathLike) -> bool:
+    """Whether `path` exists as neither a regular file nor a folder (/dev/null, a FIFO): such a
+    path is written into, never replaced (io.checkpoint.write_atomically)."""
+    path = Path(path)
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def check_writable(name: str, option: str, directory: bool = False, parents: bool = False,
+                   suffix: str | None = None, what: str = "") -> Path:
     """`name` as a Path, once it is clear that a file (or with `directory`, a folder) can be
     written there: folders that do not exist yet are created later when `parents` (always for
-    a directory), and must exist otherwise. Raises a UsageError that says why not."""
+    a directory), and must exist otherwise; with `suffix`, `what` is written there, so the name
+    must end in it (a special file aside). Raises a UsageError that says why not."""
     if name == "":
         raise UsageError(f"{option} must not be empty")
     path = Path(name)
@@ -93,8 +102,10 @@ def check_writable(name: str, option: str, directory: bool = False, parents: boo
         raise UsageError(f"{option} {path} is {'not ' if directory else ''}a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"cannot write {path}: it is read-only")
-    if path.exists() and not path.is_file() and not directory:
-        return path  # /dev/null, a FIFO: written into as it is (io.checkpoint.write_atomically)
+    if is_special_file(path):
+        return path
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UsageError(f"{option} {name}: {what} is written there; give it a {suffix} name")
     folder = Path(os.path.realpath(path)).parent if path.is_symlink() else (path if directory else path.parent)
     if not (parents or directory) and not folder.is_dir():
         raise UsageError(f"cannot write {path}: directory {folder} does not exist")

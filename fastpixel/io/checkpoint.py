@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..models.families import FAMILIES, Family, family_named, family_of
+from ..usage import is_special_file
 from .integrity import tensors_digest
 
 # "fastpixel.<model class>/2" (Family.format); /2 files carry a digest. PixelCNN++ files
@@ -54,7 +55,7 @@ def write_atomically(path: Path, write) -> None:
     kept), and a path that is not a regular file (/dev/null, a FIFO, a terminal) is written
     into as it is, never replaced: renaming over /dev/null as root would turn it into a file."""
     path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if is_special_file(path):
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder) / path.name
             write(str(staged))
