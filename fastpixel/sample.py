@@ -127,7 +127,7 @@ def prepare(args: argparse.Namespace, device: torch.device, writer: bool, world:
         raise UsageError("--keep_rows applies to --complete SOURCE")
     batch = max(1, min(args.batch_size or sampling.DEFAULT_BATCH, -(-_total(args) // world)))
     try:  # the images, their gathered copy under torchrun and the grid
-        sampling.check_fits(model.config, _total(args), batch, copies=3)
+        sampling.check_fits(model, _total(args), batch, args.fast, copies=3)
         backend = sampling.resolve_backend(device, args.fast, _requested_backend(args), next(model.parameters()).dtype,
                                            family_of(model).name)
     except ValueError as err:  # also a backend forced by $FASTPIXEL_BACKEND

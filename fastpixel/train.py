@@ -50,13 +50,14 @@ from .io.checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save,
 from .io.data import DATASETS, DataError, load_dataset
 from .io.grid import class_columns, save_grid
 from .io.integrity import load_sealed, sealed
+from .memory import refuse_beyond_memory
 from .models.families import NAMES as FAMILY_NAMES
 from .models.families import family_named
+from .models.footprint import values_held
 from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
-from .sampling.noise import available_memory
 from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
 
 PROGRAM = "python -m fastpixel.train"
@@ -345,39 +346,18 @@ def config_from(args: argparse.Namespace, dataset):
 def check_memory(args: argparse.Namespace, config) -> None:
     """Refuse, before building anything, a run whose memory cannot exist here (`--nr_logistic_mix
     1000000` asked for 940 GB in its first forward pass)."""
-    needed = memory_estimate(args, config)
-    available = available_memory()
-    if needed > available:
-        raise UsageError(f"this run needs about {needed / 2**30:.3g} GiB of memory, more than the "
-                         f"{available / 2**30:.3g} GiB available here: use a smaller model, --batch_size or "
-                         "--init_batch_size")
+    try:
+        refuse_beyond_memory(memory_estimate(args, config), "this run",
+                             "use a smaller model, --batch_size or --init_batch_size")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def memory_estimate(args: argparse.Namespace, config) -> int:
     """Bytes a training step's peak holds: the training state (weights, gradients, Adam's
-    moments, the EMA) and one batch's activations, counted on the meta device, which
-    allocates nothing."""
-    weights, per_image = training_footprint(args.model, config)
-    return weights * COPIES_OF_THE_WEIGHTS + per_image * ACTIVATIONS_HELD * max(args.batch_size, args.init_batch_size)
-
-
-def training_footprint(family: str, config) -> tuple[int, int]:
-    """Bytes of the model's float32 weights, and of the outputs of its layers for one image."""
-    outputs = [0]
-
-    def count(module, inputs, output):
-        if isinstance(output, torch.Tensor):
-            outputs[0] += output.numel()
-
-    with torch.device("meta"):
-        model = family_named(family).model(config)
-        hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-        codes = config.categorical_inputs
-        x = torch.zeros((1, *config.shape), dtype=torch.long) if codes else torch.zeros((1, config.channels, *config.shape))
-        model(x, None if config.num_classes is None else torch.zeros(1, dtype=torch.long))
-    for hook in hooks:
-        hook.remove()
-    return 4 * sum(p.numel() for p in model.parameters()), 4 * outputs[0]
+    moments, the EMA) and one batch's activations, in float32."""
+    weights, per_image = values_held(family_named(args.model).model, config)
+    return 4 * (weights * COPIES_OF_THE_WEIGHTS + per_image * ACTIVATIONS_HELD * max(args.batch_size, args.init_batch_size))
 
 
 def check_args(args: argparse.Namespace, procs: Processes) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import fastpixel
 from fastpixel import convert
 from fastpixel.io.data import load_dataset
-from fastpixel.io.tf_bundle import TensorBundle
+from fastpixel.io.tf_bundle import DTYPES, TensorBundle, crc32c, crc32c_reference, masked_crc32c
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURE = Path(__file__).parent / "fixtures" / "openai_tiny" / "params_tiny.ckpt"
@@ -296,8 +296,8 @@ def openai_variables(channels, nr_resnet, nr_filters, nr_logistic_mix, num_class
 
 
 def write_bundle(prefix, tensors):
-    """A TensorFlow V2 checkpoint of float32 tensors, written as tf.raw_ops.SaveV2 would
-    (one data block, no compression; checksums left zero, which the reader does not check)."""
+    """A TensorFlow V2 checkpoint, written as tf.raw_ops.SaveV2 would (one data block, no
+    compression, every block and tensor with its masked CRC-32C)."""
     def varint(n):
         out = b""
         while n >= 0x80:
@@ -307,24 +307,26 @@ def write_bundle(prefix, tensors):
     def field(number, wire, payload):
         return varint(number << 3 | wire) + (varint(len(payload)) + payload if wire == 2 else payload)
 
-    def block(records):
-        body = b"".join(varint(0) + varint(len(k)) + varint(len(v)) + k + v for k, v in records)
-        return body + struct.pack("<II", 0, 1)  # one restart point, at 0
+    def block(records):  # uncompressed (type 0), one restart point at 0, then the trailer
+        body = b"".join(varint(0) + varint(len(k)) + varint(len(v)) + k + v for k, v in records) + struct.pack("<II", 0, 1)
+        return body, b"\0" + struct.pack("<I", masked_crc32c(body + b"\0"))
 
+    tf_dtype = {np.dtype(v): k for k, v in DTYPES.items()}
     data, records = b"", [(b"", field(1, 0, varint(1)))]  # header: one shard, little-endian
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        array = np.ascontiguousarray(tensors[name])
         shape = b"".join(field(2, 2, field(1, 0, varint(d))) for d in array.shape)
-        entry = field(1, 0, varint(1)) + field(2, 2, shape) + field(4, 0, varint(len(data))) + field(5, 0, varint(array.nbytes))
+        entry = (field(1, 0, varint(tf_dtype[array.dtype])) + field(2, 2, shape) + field(4, 0, varint(len(data)))
+                 + field(5, 0, varint(array.nbytes)) + field(6, 5, struct.pack("<I", masked_crc32c(array.tobytes()))))
         records.append((name.encode(), entry))
         data += array.tobytes()
     blocks, handles = b"", []
-    for payload in (block(records), block([])):  # data block, metaindex block
-        handles.append(varint(len(blocks)) + varint(len(payload)))
-        blocks += payload + b"\0" * 5
-    index = block([(records[-1][0], handles[0])])
+    for body, trailer in (block(records), block([])):  # data block, metaindex block
+        handles.append(varint(len(blocks)) + varint(len(body)))
+        blocks += body + trailer
+    index, trailer = block([(records[-1][0], handles[0])])
     footer = (handles[1] + varint(len(blocks)) + varint(len(index))).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-    Path(f"{prefix}.index").write_bytes(blocks + index + b"\0" * 5 + footer)
+    Path(f"{prefix}.index").write_bytes(blocks + index + trailer + footer)
     Path(f"{prefix}.data-00000-of-00001").write_bytes(data)
 
 
@@ -530,3 +532,105 @@ def test_converting_onto_the_source_file_is_refused_before_reading_it(tmp_path, 
     before = path.read_bytes()
     assert convert.main(["--from", "pclucas14", str(path), str(path)]) == 2
     assert "is the checkpoint being converted" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_crc32c_matches_its_bitwise_reference_and_the_standard_check_value():
+    assert crc32c(b"123456789") == crc32c_reference(b"123456789") == 0xE3069283  # CRC-32C's published check value
+    rng = np.random.default_rng()
+    for size in [*range(12), 63, 64, 65, 1000, 4099, 20001]:  # lanes that do and do not divide the words
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert crc32c(data) == crc32c_reference(data), size
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 1 << bit
+    Path(path).write_bytes(bytes(data))
+
+
+def copied_fixture(folder):
+    """The TensorFlow-written checkpoint, copied where a test may damage it: its checksums are
+    TensorFlow's own, so the reader is checked against the real format, not against itself."""
+    for suffix in (".index", ".data-00000-of-00001"):
+        Path(f"{folder / FIXTURE.name}{suffix}").write_bytes(Path(f"{FIXTURE}{suffix}").read_bytes())
+    return folder / FIXTURE.name
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused_naming_it(tmp_path, capsys):
+    prefix = copied_fixture(tmp_path)
+    name = "model/conv2d_2/V/ExponentialMovingAverage"
+    entry = TensorBundle(prefix).entries[name]
+    flip_bit(f"{prefix}.data-00000-of-00001", entry.offset + entry.size - 2)  # float32 exponent's low bit: x2 or /2
+    code = convert.main(["--from", "openai", str(prefix), str(tmp_path / "out.safetensors"), "--image_size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "out.safetensors").exists()
+    assert f"tensor {name} do not match their CRC-32C checksum" in err and "data-00000-of-00001" in err
+
+
+def test_a_flipped_bit_in_the_index_is_refused(tmp_path):
+    prefix = copied_fixture(tmp_path)
+    key = b"model/conditional_weights_0/hw"  # the first key of its block, written whole: it becomes .../hv
+    flip_bit(f"{prefix}.index", Path(f"{prefix}.index").read_bytes().index(key) + len(key) - 1)
+    with pytest.raises(convert.ConvertError, match=r"\.index is corrupt: a block of its table does not match its CRC-32C"):
+        convert.from_openai(prefix, image_size=8)
+
+
+@pytest.mark.parametrize("source", ["openai", "pclucas14"])
+@pytest.mark.parametrize("damage, message", [(np.nan, "holds NaN or infinite values"), (np.inf, "holds NaN or infinite values"),
+                                             ("int32", "is torch.int32, expected floating point")])
+def test_nonfinite_or_integer_weights_are_refused_naming_the_tensor(tmp_path, capsys, source, damage, message):
+    """Not written into a file that fastpixel.load would then refuse."""
+    if source == "openai":
+        tensors, name, path = openai_variables(1, 1, 8, 2), "model/conv2d_2/V/ExponentialMovingAverage", tmp_path / "ckpt"
+    else:
+        tensors, name, path = pclucas14_state_dict(1, 1, 8, 2), "up_layers.0.u_stream.0.conv_out.conv.weight_v", tmp_path / "m.pth"
+    tensor = tensors[name]
+    if damage == "int32":
+        tensors[name] = tensor.astype(np.int32) if source == "openai" else tensor.to(torch.int32)
+    else:
+        tensor[(0,) * tensor.ndim] = damage
+    write_bundle(path, tensors) if source == "openai" else torch.save(tensors, path)
+    code = convert.main(["--from", source, str(path), str(tmp_path / "out.safetensors"), "--image_size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"tensor {name} {message}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["zero_v", "beyond_float32"])
+def test_weights_that_convert_to_nonfinite_values_are_refused(tmp_path, damage):
+    """Finite source weights can still convert to NaN (an all-zero V of a weight-normalised
+    output channel) or overflow float32: refused, naming the fastpixel tensor."""
+    state = pclucas14_state_dict(1, nr_resnet=1, nr_filters=8, nr_mix=2)
+    if damage == "zero_v":
+        state["u_init.conv.weight_v"][3] = 0
+    else:
+        state["u_init.conv.weight_g"][3] = 1e39
+    torch.save(state, tmp_path / "m.pth")
+    with pytest.raises(convert.ConvertError, match=r"converted tensor u_init\.v holds NaN or infinite values in torch\.float32"):
+        convert.from_pclucas14(tmp_path / "m.pth", image_size=8)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty_data", "is truncated: tensor model/conv2d_0/V/ExponentialMovingAverage needs bytes"),
+    ("truncated_data", "is truncated: tensor"),
+    ("empty_index", "no table magic"),
+    ("truncated_index", "no table magic"),
+])
+def test_truncated_or_empty_checkpoint_files_are_one_line_errors(tmp_path, capsys, damage, message):
+    prefix = tmp_path / "ckpt"
+    write_bundle(prefix, openai_variables(1, 1, 8, 2))
+    path = Path(f"{prefix}.{'index' if damage.endswith('index') else 'data-00000-of-00001'}")
+    path.write_bytes(b"" if damage.startswith("empty") else path.read_bytes()[:path.stat().st_size // 2])
+    code = convert.main(["--from", "openai", str(prefix), str(tmp_path / "out.safetensors"), "--image_size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_an_image_size_no_sampler_can_draw_is_refused(tmp_path, capsys):
+    torch.save(pclucas14_state_dict(1, nr_resnet=1, nr_filters=4, nr_mix=2), tmp_path / "m.pth")
+    code = convert.main(["--from", "pclucas14", str(tmp_path / "m.pth"), str(tmp_path / "out.safetensors"),
+                         "--image_size", "1000000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "image_size 1000000000" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()

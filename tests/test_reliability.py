@@ -75,7 +75,8 @@ def write_model_file(path: Path, model, tensors=None, config=None, format="fastp
 def test_files_from_before_digests_still_load(tmp_path):
     model = tiny_model(dtype=torch.float32)
     write_model_file(tmp_path / "old.safetensors", model, format="fastpixel.PixelCNNpp/1", digest=False)
-    loaded = fastpixel.load(tmp_path / "old.safetensors")
+    with pytest.warns(UserWarning, match="written before model files carried a digest"):
+        loaded = fastpixel.load(tmp_path / "old.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     write_model_file(tmp_path / "stripped.safetensors", model, digest=False)  # a new file that lost its digest
     with pytest.raises(CheckpointError, match="lost its sha256"):
@@ -172,8 +173,8 @@ def refused(main, argv, message, capsys, cwd: Path) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["-n", str(10**12)], "needs at least"),
-    (["-n", str(10**20)], "needs at least"),
+    (["-n", str(10**12)], "needs about"),
+    (["-n", str(10**20)], "needs about"),
     (["-n", str(10**12), "--batch-size", str(10**12)], "GiB of memory"),
     (["--npy", ""], "--npy must not be empty"),
     (["--out", ""], "--out must not be empty"),

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_cached_sampling_is_the_default_and_auto_names_the_automatic_backend(cap
 
 
 def test_available_memory_honours_a_containers_cgroup_and_the_address_space_rlimit(tmp_path):
-    from fastpixel.sampling.noise import _cgroup_room, available_memory
+    from fastpixel.memory import _cgroup_room, available_memory
     proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text("MemTotal: 100000000 kB\nMemAvailable: 90000000 kB\n")
@@ -144,6 +145,55 @@ def test_available_memory_honours_a_containers_cgroup_and_the_address_space_rlim
     assert _cgroup_room(str(proc), str(cgroups)) is None
 
 
+_PEAK_SCRIPT = """
+import sys, torch, fastpixel
+from fastpixel.sampling import image_noise
+from fastpixel.sampling.budget import draw_memory
+from fastpixel.sampling.naive import naive_rows
+family, fast, batch = sys.argv[1], sys.argv[2] == "cached", int(sys.argv[3])
+torch.manual_seed(0)
+if family == "pixelcnnpp":
+    model = fastpixel.PixelCNNpp(fastpixel.ModelConfig(image_size=(28, 8), channels=1, nr_resnet=1, nr_filters=32, nr_logistic_mix=5))
+else:
+    model = fastpixel.GatedPixelCNN(fastpixel.GatedConfig(image_size=(28, 8), channels=1, hidden_fmaps=32, out_hidden_fmaps=32,
+                                                          hidden_layers=4))
+config = model.eval().config
+
+def naive_first_row(n):  # every pass of a naive draw holds the same: its first row shows the peak
+    x = torch.zeros(n, 1, 28, 8)
+    noise = torch.stack([image_noise(config, 0, i) for i in range(n)])
+    with torch.no_grad():
+        next(naive_rows(model, x, noise, None))
+
+draw = (lambda n: fastpixel.sample(model, n, batch_size=n)) if fast else naive_first_row
+def status(field):  # kB in /proc/self/status
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+
+draw(2)  # libraries loaded, the engine built
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from what is resident now
+before = status("VmRSS:")
+draw(batch)
+host, activations = draw_memory(model, batch, batch, fast)
+print(status("VmHWM:") - before, host + activations)
+"""
+
+
+@pytest.mark.parametrize("family", ["pixelcnnpp", "gated"])
+@pytest.mark.parametrize("sampler", ["cached", "naive"])
+def test_the_memory_estimate_of_a_draw_bounds_its_measured_peak(family, sampler):
+    """The estimate that refuses a draw up front, against the peak a real draw reaches (the
+    process's peak resident memory, reset before the draw, above what it held then)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, family, sampler, "128"], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    peak, estimate = map(int, out.stdout.split())
+    # Measured here: 0.82 and 0.73 of the estimate for naive draws, 0.32 and 0.14 for cached ones
+    # (narrow images carry the most overhead). Never far below the peak, never far above it.
+    assert 0.1 * estimate <= peak <= 1.25 * estimate, (peak, estimate)
+
+
 def test_a_draw_beyond_the_address_space_rlimit_is_refused_up_front(tmp_path):
     import subprocess
     import sys
@@ -156,4 +206,4 @@ def test_a_draw_beyond_the_address_space_rlimit_is_refused_up_front(tmp_path):
               "except ValueError as err:\n"
               "    print(err)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "needs at least" in out.stdout and "GiB of memory, more than the" in out.stdout, out.stdout + out.stderr
+    assert "needs about" in out.stdout and "GiB of memory, more than the" in out.stdout, out.stdout + out.stderr

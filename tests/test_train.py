@@ -315,14 +315,17 @@ def test_compiled_training_gives_the_losses_of_eager_training(mnist_dir, tmp_pat
 
 def test_the_memory_estimate_matches_a_measured_peak_and_refuses_what_cannot_fit(mnist_dir, tmp_path):
     """The estimate that refuses a run up front, against the peak a real step reaches (the
-    process's peak resident memory above what it held before training)."""
+    process's peak resident memory, reset before training, above what it held then)."""
     script = tmp_path / "peak.py"
     script.write_text(
-        "import resource, sys\n"
+        "import sys\n"
         "from fastpixel import train\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "def status(field):  # kB in /proc/self/status\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) restarts from what is resident now\n"
+        "before = status('VmRSS:')\n"
         "assert train.main(sys.argv[1:]) == 0\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n")
+        "print(status('VmHWM:') - before)\n")
     args = ["--data_set", "mnist", "--data_dir", str(mnist_dir), "--no_download", "--save_dir", str(tmp_path / "run"),
             "--nr_resnet", "2", "--nr_filters", "48", "--nr_logistic_mix", "5", "--dropout_p", "0", "--batch_size", "32",
             "--init_batch_size", "32", "--max_steps", "1", "--num_samples", "0", "--max_test_images", "1",
@@ -333,10 +336,10 @@ def test_the_memory_estimate_matches_a_measured_peak_and_refuses_what_cannot_fit
     peak = int(out.stdout.split()[-1])
     config = fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=2, nr_filters=48, nr_logistic_mix=5, dropout=0.0)
     estimate = train_module.memory_estimate(train_module.parse_args(args), config)
-    # Seen: 0.79 of the estimate run alone or with this file, 0.22 once inside the whole suite
-    # (unexplained; a fresh process either way). The check that matters is that the estimate
-    # does not fall short of the peak, so that a refusal is never too lenient by much.
-    assert 0.15 * estimate <= peak <= 1.6 * estimate, (peak, estimate)
+    # Measured: 1.06 of the estimate (the peak also holds the data set, which the estimate leaves
+    # out). Measured instead from ru_maxrss, whose baseline is the process's peak so far (an
+    # import's transient), the growth was 0.79, and once 0.22 inside the whole suite.
+    assert 0.5 * estimate <= peak <= 1.6 * estimate, (peak, estimate)
     refused = run_train("--data_set", "mnist", "--data_dir", mnist_dir, "--no_download", "--save_dir", tmp_path / "huge",
                         "--nr_logistic_mix", "1000000")
     assert refused.returncode == 2 and "this run needs about" in refused.stderr and "GiB" in refused.stderr

@@ -5,13 +5,15 @@ leaves the old file intact.
 Loading trusts nothing it reads: the header's tensor names, dtypes and shapes are checked
 against the config before any weight is read or any layer built (a config that lies about
 its size would otherwise allocate for it), then the SHA-256 digest of metadata and tensors,
-then that every weight is finite."""
+then that every weight is finite. The digest finds damage, not forgery: whoever writes a
+file can write a matching digest, which is why the header check never trusts the config."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from ..usage import is_special_file
 from .integrity import tensors_digest
 
 # "fastpixel.<model class>/2" (Family.format); /2 files carry a digest. PixelCNN++ files
-# written before digests ("/1") load unchecked.
+# written before digests ("/1") load with a warning that nothing vouches for their weights.
 _LEGACY_FORMAT = "fastpixel.PixelCNNpp/1"
 _FAMILY_OF_FORMAT = {**{f.format: f for f in FAMILIES.values()}, _LEGACY_FORMAT: FAMILIES["pixelcnnpp"]}
 _DIGEST = "sha256"  # the metadata key of the digest
@@ -190,10 +192,26 @@ def _config(path: Path, metadata: dict[str, str]) -> tuple[Family, object]:
 
 
 def _check_header(path: Path, model_class: type, config, stored: dict) -> None:
-    """Names, shapes and dtypes against what the config builds, from the header alone: the
-    expected shapes come from a model on the meta device, which allocates nothing."""
+    """Names, shapes and dtypes against what the config builds, from the header alone. The
+    model's outline comes first: a few shapes that show every width, and a tensor count that
+    grows with the depth, so that a forged config (millions of layers, widths whose sizes
+    overflow) is refused before anything is built. Then every tensor, from a model on the
+    meta device, which allocates nothing."""
+    count, shapes = model_class.outline(config)
+    _check_tensors(path, shapes, stored)
+    if count > len(stored):
+        raise CheckpointError(f"{path}: weights do not match its config: the config needs {count} tensors, "
+                              f"the file holds {len(stored)}")
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+    _check_tensors(path, expected, stored)
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: weights do not match its config: unexpected tensor {extra[0]}")
+
+
+def _check_tensors(path: Path, expected: dict[str, tuple[int, ...]], stored: dict) -> None:
+    """Each expected tensor is in the header, of that shape and floating point."""
     for name, shape in expected.items():
         if name not in stored:
             raise CheckpointError(f"{path}: weights do not match its config: tensor {name} of shape {shape} is missing")
@@ -204,18 +222,18 @@ def _check_header(path: Path, model_class: type, config, stored: dict) -> None:
         if stored[name].get_dtype() not in _FLOAT_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} is {stored[name].get_dtype()}, "
                                   f"expected floating point ({', '.join(_FLOAT_DTYPES)})")
-    extra = sorted(set(stored) - set(expected))
-    if extra:
-        raise CheckpointError(f"{path}: weights do not match its config: unexpected tensor {extra[0]}")
 
 
 def _check_contents(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-    if metadata["format"] != _LEGACY_FORMAT:
-        if _DIGEST not in metadata:
-            raise CheckpointError(f"{path} has lost its {_DIGEST} digest: the file is corrupt")
-        unsigned = {k: v for k, v in metadata.items() if k != _DIGEST}
-        if tensors_digest(unsigned, tensors) != metadata[_DIGEST]:
-            raise CheckpointError(f"{path} does not match the SHA-256 digest stored in it: the file is corrupt")
+    if metadata["format"] == _LEGACY_FORMAT:
+        # Old files still load, but so would a /2 file re-tagged /1 to drop its digest: say that nothing vouches for it.
+        warnings.warn(f"fastpixel: {path} is a {_LEGACY_FORMAT} file, written before model files carried a digest: "
+                      "damaged or altered weights in it cannot be detected. If you trust this copy, "
+                      "fastpixel.save(fastpixel.load(path), path) rewrites it with one", UserWarning, stacklevel=3)
+    elif _DIGEST not in metadata:
+        raise CheckpointError(f"{path} has lost its {_DIGEST} digest: the file is corrupt")
+    elif tensors_digest({k: v for k, v in metadata.items() if k != _DIGEST}, tensors) != metadata[_DIGEST]:
+        raise CheckpointError(f"{path} does not match the SHA-256 digest stored in it: the file is corrupt")
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; refusing a broken model")

@@ -13,7 +13,8 @@ All three implement the same network, so conversion is a renaming plus three lay
 The configuration is read from tensor shapes; what the tensors cannot tell (the image
 size: the network is fully convolutional) comes from the arguments or a stated default.
 Anything that does not fit raises ConvertError naming the tensor and the expected shape,
-before a file is written.
+before a file is written; so does a weight that is not floating point or not finite, which
+would make a file that `fastpixel.load` refuses.
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def _input_columns(config: ModelConfig) -> torch.Tensor:
     return torch.tensor([*range(c), c + 2, c + 1, c] if config.coordconv else [*range(c + 1)])
 
 
-def _assemble(config: ModelConfig, effective: Callable[[str, object, str], tuple[torch.Tensor, torch.Tensor]],
-              dtype: torch.dtype) -> PixelCNNpp:
+def _assemble(source: str, config: ModelConfig,
+              effective: Callable[[str, object, str], tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> PixelCNNpp:
     """A fastpixel model whose every layer computes the effective weight and bias that
     `effective(fastpixel name, module, pclucas14 name)` returns in fastpixel's layout."""
     model = PixelCNNpp(config).double().eval()
@@ -118,7 +119,12 @@ def _assemble(config: ModelConfig, effective: Callable[[str, object, str], tuple
         state[f"{name}.g"] = torch.linalg.vector_norm(weight, dim=[d for d in range(4) if d != out_dim])
         state[f"{name}.b"] = bias
     model.load_state_dict(state)
-    return model.to(dtype)
+    model = model.to(dtype)
+    for name, tensor in model.state_dict().items():  # finite sources can still overflow dtype, or divide by ||V|| = 0
+        if not torch.isfinite(tensor).all():
+            raise ConvertError(f"{source}: converted tensor {name} holds NaN or infinite values in {dtype} (a "
+                               f"weight-normalised layer with an all-zero V, or weights beyond {dtype}'s range?)")
+    return model
 
 
 def _normalised(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
@@ -143,7 +149,12 @@ class _Tensors:
         if tuple(self.shapes[name]) != shape:
             raise ConvertError(f"{self.source}: tensor {name} has shape {tuple(self.shapes[name])}, expected {shape} "
                                f"(does the configuration match the file?)")
-        return torch.as_tensor(self.read(name)).to(torch.float64)
+        value = torch.as_tensor(self.read(name))
+        if not value.is_floating_point():
+            raise ConvertError(f"{self.source}: tensor {name} is {value.dtype}, expected floating point weights")
+        if not torch.isfinite(value).all():
+            raise ConvertError(f"{self.source}: tensor {name} holds NaN or infinite values; refusing a broken model")
+        return value.to(torch.float64)
 
     def check_all_used(self, names) -> None:
         """A weight left over means the file holds a bigger model than the configuration."""
@@ -243,7 +254,7 @@ def from_pclucas14(path: str | os.PathLike, *, image_size=None, channels: int | 
             weight = _normalised(v, g, 0).reshape(module.v.shape)
         return weight, tensors(f"{pc_name}.bias", (out,))
 
-    model = _assemble(config, effective, dtype)
+    model = _assemble(source, config, effective, dtype)
     tensors.check_all_used(state)
     return model
 
@@ -272,10 +283,17 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
     refused: it attends to every pixel of the input, so its output is not causal.
     """
     prefix = _bundle_prefix(Path(path))
-    try:
-        bundle = TensorBundle(prefix)
+    given = dict(image_size=image_size, channels=channels, nr_resnet=nr_resnet, nr_filters=nr_filters,
+                 nr_logistic_mix=nr_logistic_mix)
+    try:  # the reader's errors (a truncated, corrupt or foreign file) name the file, and the tensor
+        return _from_bundle(TensorBundle(prefix), prefix, given, resnet_nonlinearity, dtype)
     except BundleError as err:
         raise ConvertError(str(err)) from None
+
+
+def _from_bundle(bundle: TensorBundle, prefix: str, given: dict, resnet_nonlinearity: str | None,
+                 dtype: torch.dtype) -> PixelCNNpp:
+    """from_openai, once the checkpoint's index is read."""
     source = f"openai checkpoint {prefix}"
     names = bundle.shapes
     scope = next((m.group(1) for n in names if (m := re.fullmatch(f"(.*)conv2d_0/V({EMA_SUFFIX})?", n))), None)
@@ -297,8 +315,6 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
     if (convs - 15) % 24 or convs < 39 or last is None:
         raise ConvertError(f"{source}: {convs} conv2d layers do not make a PixelCNN++ of the original's layout "
                            f"(24 * nr_resnet + 15, and dense_(9 * nr_resnet + 4) as the output layer)")
-    given = dict(image_size=image_size, channels=channels, nr_resnet=nr_resnet, nr_filters=nr_filters,
-                 nr_logistic_mix=nr_logistic_mix)
     factor = (shape("conv2d_3/V") or (0, 0, 0))[2] // first[3]
     hw = shape("conditional_weights_0/hw")
     inferred = dict(nr_filters=first[3], nr_resnet=(convs - 15) // 24, dropout=0.5,
@@ -335,7 +351,7 @@ def from_openai(path: str | os.PathLike, *, image_size=None, channels: int | Non
         weight = weight.permute(3, 2, 0, 1) if kind != "dense" else weight.T[:, :, None, None]
         return weight, variable(kind, "b", (v.shape[out_axis],))
 
-    model = _assemble(config, effective, dtype)
+    model = _assemble(source, config, effective, dtype)
     layer_variable = re.escape(scope) + r"(conv2d|deconv2d|dense|conditional_weights)_\d+/(V|g|b|hw)" + re.escape(suffix)
     tensors.check_all_used(n for n in names if re.fullmatch(layer_variable, n))
     return model

@@ -47,6 +47,9 @@ class JsonConfig:
         return (size, size) if isinstance(size, int) else size
 
 
+MAX_PIXELS = 2**31 - 1  # the fused and C++ samplers hold a pixel's raster position in an int32
+
+
 def image_size(value) -> int | tuple[int, int]:
     """An image size as configs store it: an int for a square, else (height, width)."""
     size = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -54,7 +57,16 @@ def image_size(value) -> int | tuple[int, int]:
         raise ValueError(f"image_size must be an int or (height, width), got {value!r}")
     if isinstance(size, tuple) and size[0] == size[1]:
         size = size[0]  # one spelling per shape, so that equal configs compare equal
+    height, width = (size, size) if is_int(size) else size
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"image_size {value!r} has {height * width} pixels, more than the {MAX_PIXELS} "
+                         "a sampler can index")
     return size
+
+
+def check_channels(value) -> None:
+    if not is_int(value) or value not in (1, 3):  # is_int: True and 3.0 compare equal to 1 and 3
+        raise ValueError(f"channels must be 1 or 3, got {value!r}")
 
 
 def check_num_classes(value) -> None:

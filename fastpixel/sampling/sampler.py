@@ -18,7 +18,8 @@ from ..models.families import FAMILIES, family_of
 from . import engines
 from .likelihood import eval_mode, to_model_input, to_uint8
 from .naive import naive_rows
-from .noise import DEFAULT_BATCH, check_fits, image_noise
+from .budget import DEFAULT_BATCH, check_fits
+from .noise import image_noise
 
 
 def sample(model, n: int, fast: bool = True, seed: int | None = None,
@@ -57,7 +58,7 @@ def sample(model, n: int, fast: bool = True, seed: int | None = None,
         batch_size = min(max(n, 1), DEFAULT_BATCH)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    check_fits(config, n, min(batch_size, n))
+    check_fits(model, n, min(batch_size, n), fast)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

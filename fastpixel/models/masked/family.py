@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import JsonConfig, check_flags, check_labels, check_num_classes, image_size, is_int
+from ..config import JsonConfig, check_channels, check_flags, check_labels, check_num_classes, image_size, is_int
 from . import categorical
 
 
@@ -48,8 +48,7 @@ class MaskedConfig(JsonConfig):
         self.image_size = image_size(self.image_size)
         if any(s <= 0 for s in self.shape):
             raise ValueError(f"image_size must be positive, got {self.image_size!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        check_channels(self.channels)
         if self.out_hidden_fmaps is None:
             self.out_hidden_fmaps = -(-self.default_out_hidden_fmaps // self.channels) * self.channels
         check_num_classes(self.num_classes)
@@ -82,6 +81,19 @@ class MaskedConfig(JsonConfig):
     def input_channels(self) -> int:
         """Channels the first layer reads: the scaled levels, or a code's embedding."""
         return self.hidden_fmaps if self.categorical_inputs else self.channels
+
+
+def masked_outline(config: MaskedConfig, own: int, shapes: dict[str, tuple[int, ...]], top_features: int,
+                   label_features: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """A masked model's `outline`, given its own layers' tensor count and telling shapes: adds
+    what every masked model has (the input embedding, a label bias per block, and the output
+    layers reading `top_features`)."""
+    labelled = config.num_classes is not None
+    shapes = {**shapes, "out_hidden.weight": (config.out_hidden_fmaps, top_features, 1, 1)}
+    if labelled:
+        shapes["blocks.0.label_bias.weight"] = (config.num_classes, label_features)
+    shared = config.categorical_inputs + labelled * config.hidden_layers + 4  # out_hidden and out: weight, bias each
+    return own + shared, shapes
 
 
 def groups(count: int, colours: int) -> torch.Tensor:

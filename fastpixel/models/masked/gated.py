@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .family import MaskedConfig, MaskedConv2d, MaskedFamily, gate, gate_groups, groups, pointwise
+from .family import MaskedConfig, MaskedConv2d, MaskedFamily, gate, gate_groups, groups, masked_outline, pointwise
 
 
 @dataclass
@@ -83,6 +83,16 @@ class GatedPixelCNN(MaskedFamily):
         self.blocks = nn.ModuleList(GatedBlock(config, causal=False, last=n == config.hidden_layers - 1)
                                     for n in range(config.hidden_layers))
         self.add_output_layers(config.hidden_fmaps)
+
+    @staticmethod
+    def outline(config: GatedConfig) -> tuple[int, dict[str, tuple[int, ...]]]:
+        """How many tensors __init__ makes for `config`, and a few shapes that show every width
+        (for fastpixel.load, as PixelCNNpp.outline says)."""
+        p, ck, hk = config.hidden_fmaps, config.causal_ksize, config.hidden_ksize
+        shapes = {"causal.vertical.conv.weight": (2 * p, config.input_channels, ck // 2, ck),
+                  "blocks.0.vertical.conv.weight": (2 * p, p, hk // 2 + 1, hk)}
+        own = 6 + 10 * config.hidden_layers - 2  # weight and bias of each vertical, horizontal, link, skip and residual
+        return masked_outline(config, own, shapes, p, 2 * p)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, C, N, H, W) of every sub-pixel's N levels given the pixels before it, for

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .family import MaskedConfig, MaskedConv2d, MaskedFamily, groups, pointwise
+from .family import MaskedConfig, MaskedConv2d, MaskedFamily, groups, masked_outline, pointwise
 
 
 @dataclass
@@ -74,6 +74,16 @@ class PixelCNN(MaskedFamily):
         self.causal = _masked(config, config.input_channels, 2 * config.hidden_fmaps, config.causal_ksize, "A")
         self.blocks = nn.ModuleList(ResidualBlock(config) for _ in range(config.hidden_layers))
         self.add_output_layers(2 * config.hidden_fmaps)
+
+    @staticmethod
+    def outline(config: PixelCNNConfig) -> tuple[int, dict[str, tuple[int, ...]]]:
+        """How many tensors __init__ makes for `config`, and a few shapes that show every width
+        (for fastpixel.load, as PixelCNNpp.outline says)."""
+        h, ck, hk = config.hidden_fmaps, config.causal_ksize, config.hidden_ksize
+        shapes = {"causal.weight": (2 * h, config.input_channels, ck // 2 + 1, ck),
+                  "blocks.0.conv.weight": (h, h, hk // 2 + 1, hk)}
+        own = 2 + 6 * config.hidden_layers  # causal, then reduce, conv and expand per block: weight, bias each
+        return masked_outline(config, own, shapes, 2 * h, h)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         features, labels = self.features(x, labels)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import JsonConfig, check_flags, check_num_classes, image_size, is_int
+from ..config import JsonConfig, check_channels, check_flags, check_num_classes, image_size, is_int
 
 NONLINEARITIES = ("concat_elu", "elu", "relu")
 
@@ -31,8 +31,7 @@ class ModelConfig(JsonConfig):
         self.image_size = image_size(self.image_size)
         if any(s <= 0 or s % 4 for s in self.shape):
             raise ValueError(f"image_size must be positive and divisible by 4 in both dimensions, got {self.image_size!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        check_channels(self.channels)
         for name in ("nr_resnet", "nr_filters", "nr_logistic_mix"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -49,6 +48,11 @@ class ModelConfig(JsonConfig):
         """Output channels: per mixture component a logit, C means, C log-scales, and for RGB 3 coupling coefficients."""
         from .mixture import num_params
         return num_params(self.channels, self.nr_logistic_mix)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the first layers read: the image, a channel of ones and, with CoordConv, the coordinates."""
+        return self.channels + 1 + (2 if self.coordconv else 0)
 
     @property
     def categorical_inputs(self) -> bool:

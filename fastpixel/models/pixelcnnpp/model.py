@@ -47,8 +47,7 @@ class PixelCNNpp(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"PixelCNNpp needs a fastpixel.ModelConfig, got {type(config).__name__}")
         self.config = config
-        nf, nr = config.nr_filters, config.nr_resnet
-        in_channels = config.channels + 1 + (2 if config.coordconv else 0)
+        nf, nr, in_channels = config.nr_filters, config.nr_resnet, config.input_channels
 
         def u_block(skip_channels=0):
             return GatedResnet(nf, (2, 3), "down", config.resnet_nonlinearity, config.dropout,
@@ -79,6 +78,20 @@ class PixelCNNpp(nn.Module):
         self.upsample_ul = nn.ModuleList(ShiftedConvTranspose2d(nf, nf, (2, 2), "down_right") for _ in range(LEVELS - 1))
 
         self.out = Nin(nf, config.num_params_out)
+
+    @staticmethod
+    def outline(config: ModelConfig) -> tuple[int, dict[str, tuple[int, ...]]]:
+        """How many tensors __init__ makes for `config`, and the shapes of a few that show every
+        width: `fastpixel.load` checks a file's header against them before building the model,
+        since even on the meta device building takes time in proportion to nr_resnet."""
+        nf, nr, labelled = config.nr_filters, config.nr_resnet, config.num_classes is not None
+        block = 6 + labelled  # conv_in and conv_out (v, g, b each), and the class bias
+        plain, skipped = LEVELS * nr, LEVELS * nr + 2 * (LEVELS * (nr + 1) - 1)  # blocks without and with a skip Nin
+        layers = 3 + 4 * (LEVELS - 1) + 1 + 4 * config.nonlocal_block  # outside blocks: inits, resamplings, out, non-local
+        shapes = {"u_init.v": (nf, config.input_channels, 2, 3), "out.v": (config.num_params_out, nf, 1, 1)}
+        if labelled:
+            shapes["up_u.0.0.class_bias.weight"] = (config.num_classes, 2 * nf)
+        return 3 * layers + plain * block + skipped * (block + 3), shapes  # v, g and b per weight-normed layer
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x, labels)

@@ -1,0 +1,78 @@
+"""How much memory a model's work takes, counted on the meta device, which allocates nothing:
+its weights and all its layers' outputs (training keeps them for the backward pass), and the
+peak a no-grad forward pass holds at once (sampling). Training and sampling scale these by
+what they were measured to keep alive, to refuse before any work a request whose memory
+cannot exist."""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def values_held(model_class: type, config) -> tuple[int, int]:
+    """(values in the weights, values output by all layers for one image)."""
+    outputs = [0]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            outputs[0] += output.numel()
+
+    with torch.device("meta"):
+        model = model_class(config)
+        hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+        codes = config.categorical_inputs
+        x = torch.zeros((1, *config.shape), dtype=torch.long) if codes else torch.zeros((1, config.channels, *config.shape))
+        model(x, None if config.num_classes is None else torch.zeros(1, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    return sum(p.numel() for p in model.parameters()), outputs[0]
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows the bytes held by tensors as ops make them and Python frees them: the peak is
+    what a forward pass needs at once. A view is not counted (it shares its base's memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and not (i < len(returns) and returns[i].alias_info is not None):
+                size = t.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def forward_peak(model_class: type, config, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a no-grad forward pass holds at once for each image of its batch (the peak at two
+    images less the peak at one: what the weights alone make is not per image). Remembered per
+    configuration: following a pass takes up to a second."""
+    return _forward_peak(model_class, type(config), config.to_json(), dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_peak(model_class: type, config_class: type, config_json: str, dtype: torch.dtype) -> int:
+    config = config_class.from_json(config_json)
+    peaks = []
+    with torch.device("meta"), torch.no_grad():
+        model = model_class(config).to(dtype).eval()
+        for batch in (1, 2):
+            codes = config.categorical_inputs
+            shape = (batch, *config.shape) if codes else (batch, config.channels, *config.shape)
+            x = torch.zeros(shape, dtype=torch.long if codes else dtype)
+            labels = None if config.num_classes is None else torch.zeros(batch, dtype=torch.long)
+            with _LiveBytes() as live:
+                model(x, labels)
+            peaks.append(live.peak)
+    return peaks[1] - peaks[0]
