@@ -23,7 +23,7 @@ from .backend import NAMES
 from .io.checkpoint import bundled_models, load, write_array, write_atomically
 from .io.sources import SourceError, read_source
 from .sampling.codec import DEFAULT_BATCH, CodecError, decode, encode, read_header
-from .usage import Parser, UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, report, report_stop, stops_raise
 
 PROGRAM = "python -m fastpixel.compress"
 
@@ -96,15 +96,14 @@ def _read(path: str) -> bytes:
 
 
 def main(argv=None) -> int:
-    interrupts_raise()
     args = parse_args(argv)
     try:
-        print(run(args))
+        with stops_raise():
+            print(run(args))
     except (UsageError, CodecError, ValueError) as err:
         return report(PROGRAM, err)
-    except KeyboardInterrupt:
-        print(f"{PROGRAM}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(PROGRAM, stop)
     return 0
 
 

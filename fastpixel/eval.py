@@ -22,7 +22,7 @@ from .io.checkpoint import bundled_models, load, write_array, write_atomically
 from .io.data import DATASETS, DataError, load_dataset
 from .models.families import family_of
 from .sampling import bits_per_dim, log_prob
-from .usage import Parser, UsageError, check_writable, interrupts_raise, report
+from .usage import Parser, UsageError, check_writable, report, report_stop, stops_raise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,18 +124,17 @@ def _heatmap(images: torch.Tensor, bits: torch.Tensor, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    interrupts_raise()
     args = parse_args(argv)
     try:
-        result = run(args)
+        with stops_raise():
+            result = run(args)
+            print(f"{args.split} bits/dim: {result['bits_per_dim']:.4f} ({result['images']} images of {args.data_set})")
+            if args.json is not None:
+                write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     except (OSError, ValueError, DataError, UsageError) as err:
         return report("python -m fastpixel.eval", err)
-    except KeyboardInterrupt:
-        print("python -m fastpixel.eval: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(f"{args.split} bits/dim: {result['bits_per_dim']:.4f} ({result['images']} images of {args.data_set})")
-    if args.json is not None:
-        write_atomically(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    except KeyboardInterrupt as stop:
+        return report_stop("python -m fastpixel.eval", stop)
     return 0
 
 

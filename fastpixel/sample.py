@@ -33,11 +33,12 @@ import torch.distributed as dist
 
 from . import sampling
 from .backend import NAMES
-from .io.checkpoint import bundled_models, load, write_array
+from .io.checkpoint import bundled_models, load, write_array, written_together
 from .io.grid import class_columns, save_grid
 from .io.sources import SourceError, read_source
 from .models.families import family_of
-from .usage import Parser, UsageError, check_writable, interrupts_raise, is_special_file, leave_process_group, report
+from .usage import (Parser, UsageError, check_writable, is_special_file, leave_process_group, report, report_stop,
+                    stop_code, stops_raise)
 
 PROGRAM = "python -m fastpixel.sample"
 _T = TypeVar("_T")
@@ -162,14 +163,19 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
         images = torch.cat(shares)
     seconds = time.perf_counter() - start
     written = args.npy if _codes(model) else args.out
-    if not _codes(model) and args.source is not None:
-        grid, columns = _completion_grid(args.source.images, images, args.keep_rows)
-        _write(args.out, lambda: save_grid(grid, args.out, columns))
-    elif not _codes(model):
-        cycled = args.label is None  # the default labels cycle through the classes
-        _write(args.out, lambda: save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None))
-    if args.npy is not None:
-        _write(args.npy, lambda: write_array(args.npy, images.numpy()))
+    try:
+        with written_together():  # the grid and the array, or neither
+            if not _codes(model) and args.source is not None:
+                grid, columns = _completion_grid(args.source.images, images, args.keep_rows)
+                save_grid(grid, args.out, columns)
+            elif not _codes(model):
+                cycled = args.label is None  # the default labels cycle through the classes
+                save_grid(images, args.out, class_columns(n, model.config.num_classes) if cycled else None)
+            if args.npy is not None:
+                write_array(args.npy, images.numpy())
+    except OSError as err:  # a full disk, /dev/full
+        outputs = [p for p in (None if _codes(model) else args.out, args.npy) if p is not None]
+        raise UsageError(f"cannot write {' and '.join(outputs)}: {err.strerror or err}; nothing was written") from None
     processes = f", {world} processes" if world > 1 else ""
     what = f"{n} {'code maps' if _codes(model) else 'images'}"
     if args.source is not None:
@@ -177,14 +183,6 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
                 f"(first {args.keep_rows} rows kept)")
     return (f"wrote {written}: {what} in {seconds:.2f} s "
             f"({n / seconds:.2f} images/s; {sampling.describe(args.fast, backend, device)}{processes})")
-
-
-def _write(path: str, write: Callable[[], None]) -> None:
-    """Run `write`; a failure (a full disk, /dev/full) is the user's one-line error."""
-    try:
-        write()
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _total(args: argparse.Namespace) -> int:
@@ -245,11 +243,10 @@ def _on_every_rank(world: int, check: Callable[[], _T]) -> _T:
 
 
 def main(argv=None) -> int:
-    interrupts_raise()
-    args = parse_args(argv)
     # As torchrun sets them; one process without it, on the same code path.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    code = _draw(args, rank, world)
+    with stops_raise():
+        code = _draw(parse_args(argv), rank, world)
     if world > 1:
         leave_process_group(code)
     return code
@@ -266,10 +263,8 @@ def _draw(args: argparse.Namespace, rank: int, world: int) -> int:
         summary = run(args, device, rank, world)
     except UsageError as err:
         return report(PROGRAM, err) if rank == 0 else 2
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"{PROGRAM}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(PROGRAM, stop) if rank == 0 else stop_code(stop)
     if summary is not None:
         print(summary)
     return 0

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .io.checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically
+from .io.checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically, written_together
 from .io.data import DATASETS, DataError, load_dataset
 from .io.grid import class_columns, save_grid
 from .io.integrity import load_sealed, sealed
@@ -58,7 +58,8 @@ from .models.pixelcnnpp import mixture
 from .models.pixelcnnpp.config import NONLINEARITIES, ModelConfig
 from .models.pixelcnnpp.model import PixelCNNpp
 from .sampling import nll_sum, sample, to_model_input
-from .usage import Parser, UsageError, check_writable, interrupts_raise, leave_process_group, report
+from .usage import (Parser, UsageError, check_writable, leave_process_group, report, report_stop, stop_code,
+                    stops_raise)
 
 PROGRAM = "python -m fastpixel.train"
 STATE_FILE = "state.pt"
@@ -73,12 +74,12 @@ COPIES_OF_THE_WEIGHTS = 5  # training holds the weights, their gradients, Adam's
 ACTIVATIONS_HELD = 4
 # What a resumed run takes from the run it continues unless given, and refuses when given
 # otherwise: the architecture, the data and its order, and the optimisation (a saved optimiser
-# would silently override a new --lr). Every other option it also takes from the run unless
+# would silently override a new --lr; bf16 rounds otherwise). Every other option it also takes from the run unless
 # given (--max_epochs, --num_samples ...), and a value given there simply applies.
 RESUME_MUST_MATCH = ("model", "causal_ksize", "hidden_ksize", "hidden_fmaps", "out_hidden_fmaps", "hidden_layers",
                      "color_levels", "data_set", "max_train_images", "nr_resnet", "nr_filters", "nr_logistic_mix",
                      "resnet_nonlinearity", "dropout_p", "class_conditional", "coordconv", "nonlocal_block", "seed",
-                     "lr", "lr_decay", "polyak_decay", "focal", "gamma", "grad_clip")
+                     "lr", "lr_decay", "polyak_decay", "focal", "gamma", "grad_clip", "amp")
 # Options that belong to this invocation, never taken from the run.
 NOT_INHERITED = ("resume", "init_from", "save_dir", "given")
 
@@ -292,12 +293,13 @@ class Trainer:
         self.saved_step = self.step
 
     def save(self, save_dir: Path) -> None:
-        """The EMA model, then the training state, each atomically: a kill between the two
-        leaves the model one checkpoint ahead of the state, never behind it, and no state
-        exists before its model file does."""
-        save(self.ema, save_dir / MODEL_FILE, metadata={"step": str(self.step)})
+        """The EMA model, then the training state, both written before either replaces its old
+        file: a failed write (a full disk) leaves the last checkpoint whole, and a kill between
+        the two renames leaves the model one checkpoint ahead of the state, never behind it."""
         state = self.state_dict()
-        write_atomically(save_dir / STATE_FILE, lambda tmp: Path(tmp).write_bytes(sealed(state)))
+        with written_together():
+            save(self.ema, save_dir / MODEL_FILE, metadata={"step": str(self.step)})
+            write_atomically(save_dir / STATE_FILE, lambda tmp: Path(tmp).write_bytes(sealed(state)))
         self.saved_step = self.step
 
     def checkpoint_note(self, save_dir: Path) -> str:
@@ -562,28 +564,34 @@ def _train(args: argparse.Namespace, procs: Processes, save_dir: Path) -> Traine
 
     global_batch = args.batch_size * procs.world
     log = MetricsLog(save_dir / "metrics.jsonl", procs.main)
-    log.keep_until(trainer.step if args.resume else -1)  # records a killed run wrote after its last checkpoint
+    log.keep_until(trainer.step, trainer.epoch) if args.resume else log.keep_until(-1, 0)
     first_step = trainer.step
     try:
-        while trainer.epoch < args.max_epochs and not reached_max_steps(trainer, args):
-            batches = epoch_batches(len(train_set.images), trainer.epoch, args.seed, global_batch)
-            run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
-            if trainer.batch_in_epoch < len(batches):  # --max_steps fell inside the epoch: saved as unfinished,
-                if trainer.step > first_step:         # and reported as an epoch's end is
-                    evaluate_and_show(trainer, test_set, args, procs, log, stop_signal, save_dir,
-                                      f"samples_step{trainer.step:07d}.png")
-                break
-            finish_epoch(trainer, test_set, args, procs, log, stop_signal, save_dir)
+        try:
+            while trainer.epoch < args.max_epochs and not reached_max_steps(trainer, args):
+                batches = epoch_batches(len(train_set.images), trainer.epoch, args.seed, global_batch)
+                run_epoch(trainer, net, batches, train_set, args, procs, log, stop_signal, save_dir)
+                if trainer.batch_in_epoch < len(batches):  # --max_steps fell inside the epoch: saved as unfinished,
+                    if trainer.step > first_step:         # and reported as an epoch's end is
+                        evaluate_and_show(trainer, test_set, args, procs, log, stop_signal, save_dir,
+                                          f"samples_step{trainer.step:07d}.png")
+                    break
+                finish_epoch(trainer, test_set, args, procs, log, stop_signal, save_dir)
+            if procs.main:
+                trainer.save(save_dir)
+        except OSError as err:  # a full disk, a lost mount: one line, and what there is to resume from
+            raise Stop(f"cannot go on: {err.strerror or err}{f' ({err.filename})' if err.filename else ''}; "
+                       f"{trainer.checkpoint_note(save_dir)}", 2) from None
     except Stop as why:
         if procs.main:
-            plot_curves(log.records(), save_dir / "curves.png")  # what the run got to; no evaluation delays the stop
+            with contextlib.suppress(OSError):  # what the run got to; no evaluation delays the stop
+                plot_curves(log.records(), save_dir / "curves.png")
             print(f"{PROGRAM}: {why}", file=sys.stderr)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handlers[0])
         signal.signal(signal.SIGINT, previous_handlers[1])
     if procs.main:
-        trainer.save(save_dir)
         tested = [r["test_bpd"] for r in log.records() if "test_bpd" in r]
         score = f"; test bits/dim {tested[-1]:.4f} (EMA weights)" if tested else ""
         print(f"done: {trainer.step} steps, {trainer.epoch} epochs{score}; EMA model in {save_dir / MODEL_FILE}, "
@@ -614,11 +622,17 @@ class MetricsLog:
             return []
         return [record for line in self.path.read_text().splitlines() if (record := _record(line)) is not None]
 
-    def keep_until(self, step: int) -> None:
-        """Drop the records after `step` (written by a run killed after its last checkpoint),
-        and a torn last line; step -1 (a new run) drops them all."""
+    def keep_until(self, step: int, epoch: int) -> None:
+        """Keep what a checkpoint at (`step`, `epoch`) had seen logged, and drop the rest, which a
+        run killed after that checkpoint wrote and the resumed run writes again: later steps,
+        the test of an epoch the checkpoint had not finished (logged at the same step, just
+        before the epoch's checkpoint), and a torn last line. Step -1 (a new run) drops all."""
+        def seen(record: dict) -> bool:
+            untested_epoch = "test_bpd" in record and not record.get("partial_epoch") and record.get("epoch", 0) >= epoch
+            return record.get("step", step + 1) <= step and not untested_epoch
+
         if self.enabled and self.path.exists():
-            kept = "".join(json.dumps(r) + "\n" for r in self.records() if r.get("step", step + 1) <= step)
+            kept = "".join(json.dumps(r) + "\n" for r in self.records() if seen(r))
             write_atomically(self.path, lambda tmp: Path(tmp).write_text(kept))
 
 
@@ -645,63 +659,62 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
     total = len(batches)
     if args.max_steps is not None:  # the bar ends where the run will
         total = min(total, trainer.batch_in_epoch + max(0, args.max_steps - trainer.step))
-    bar = tqdm(total=total, initial=trainer.batch_in_epoch, disable=not procs.main,
-               desc=f"epoch {trainer.epoch}", unit="batch")
-    started, seen = time.perf_counter(), 0
-    for images, labels in loader:
-        if reached_max_steps(trainer, args):
-            break
-        seed_step(args.seed, procs.rank, trainer.epoch, trainer.batch_in_epoch)
-        x = model_input(images.to(device, non_blocking=True))
-        labels = labels.to(device) if config.num_classes is not None else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            params = net(x, labels)
-        plain = trainer.model.nll(params.float(), x)
-        loss = mixture.focal_nll(params.float(), x, args.gamma) if args.focal else plain
-        loss = bits_per_dim_of(loss.mean(), config)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = torch.stack([torch.isfinite(loss)] + [p.grad.isfinite().all() for p in trainer.model.parameters()
-                                                       if p.grad is not None]).all()
-        # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim].
-        votes = torch.stack([(~finite).double(), torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device),
-                             bits_per_dim_of(plain.detach().mean(), config).double()])
-        votes = procs.all_sum(votes).tolist()
-        trainer.batch_in_epoch += 1
-        if votes[0] > 0:
-            trainer.nonfinite_in_a_row += 1
-            log.append(step=trainer.step, epoch=trainer.epoch, event="non-finite loss, step skipped")
-            if trainer.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise Stop(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {trainer.step}; stopping: "
-                           f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
-        else:
-            trainer.nonfinite_in_a_row = 0
-            if args.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.grad_clip)
-            trainer.optimizer.step()
-            # Finite loss and gradients can still step to infinite weights (a huge --lr): they
-            # are never counted, averaged or saved. Every process holds the same weights.
-            if not torch.stack([p.isfinite().all() for p in trainer.model.parameters()]).all():
-                raise Stop(f"step {trainer.step + 1} made the weights non-finite; stopping without saving: "
-                           f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
-            trainer.schedule.step()
-            trainer.update_ema()
-            trainer.step += 1
-        train_bpd = float(votes[2]) / procs.world
-        trainer.epoch_bits.append(train_bpd)
-        seen += len(x) * procs.world
-        images_per_sec = seen / (time.perf_counter() - started)
-        bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{images_per_sec:.1f}")
-        bar.update(1)
-        last = reached_max_steps(trainer, args) or votes[1] > 0  # a run's last step is always logged
-        if (trainer.step % args.log_every == 0 or last) and votes[0] == 0:
-            log.append(step=trainer.step, epoch=trainer.epoch, train_bpd=train_bpd, lr=trainer.schedule.get_last_lr()[0],
-                       images_per_sec=images_per_sec)
-        if args.save_every_steps and trainer.step % args.save_every_steps == 0 and votes[0] == 0 and procs.main:
-            trainer.save(save_dir)
-        if votes[1] > 0:
-            stop_for_signal(trainer, stop_signal, procs, save_dir)
-    bar.close()
+    with tqdm(total=total, initial=trainer.batch_in_epoch, disable=not procs.main, desc=f"epoch {trainer.epoch}",
+              unit="batch") as bar:  # closed before any message, which would otherwise land on its line
+        started, seen = time.perf_counter(), 0
+        for images, labels in loader:
+            if reached_max_steps(trainer, args):
+                break
+            seed_step(args.seed, procs.rank, trainer.epoch, trainer.batch_in_epoch)
+            x = model_input(images.to(device, non_blocking=True))
+            labels = labels.to(device) if config.num_classes is not None else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                params = net(x, labels)
+            plain = trainer.model.nll(params.float(), x)
+            loss = mixture.focal_nll(params.float(), x, args.gamma) if args.focal else plain
+            loss = bits_per_dim_of(loss.mean(), config)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            finite = torch.stack([torch.isfinite(loss)] + [p.grad.isfinite().all() for p in trainer.model.parameters()
+                                                           if p.grad is not None]).all()
+            # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim].
+            votes = torch.stack([(~finite).double(), torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device),
+                                 bits_per_dim_of(plain.detach().mean(), config).double()])
+            votes = procs.all_sum(votes).tolist()
+            trainer.batch_in_epoch += 1
+            if votes[0] > 0:
+                trainer.nonfinite_in_a_row += 1
+                log.append(step=trainer.step, epoch=trainer.epoch, event="non-finite loss, step skipped")
+                if trainer.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise Stop(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {trainer.step}; stopping: "
+                               f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
+            else:
+                trainer.nonfinite_in_a_row = 0
+                if args.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.grad_clip)
+                trainer.optimizer.step()
+                # Finite loss and gradients can still step to infinite weights (a huge --lr): they
+                # are never counted, averaged or saved. Every process holds the same weights.
+                if not torch.stack([p.isfinite().all() for p in trainer.model.parameters()]).all():
+                    raise Stop(f"step {trainer.step + 1} made the weights non-finite; stopping without saving: "
+                               f"{trainer.checkpoint_note(save_dir)} (try a lower --lr or --grad_clip)")
+                trainer.schedule.step()
+                trainer.update_ema()
+                trainer.step += 1
+            train_bpd = float(votes[2]) / procs.world
+            trainer.epoch_bits.append(train_bpd)
+            seen += len(x) * procs.world
+            images_per_sec = seen / (time.perf_counter() - started)
+            bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{images_per_sec:.1f}")
+            bar.update(1)
+            last = reached_max_steps(trainer, args) or votes[1] > 0  # a run's last step is always logged
+            if (trainer.step % args.log_every == 0 or last) and votes[0] == 0:
+                log.append(step=trainer.step, epoch=trainer.epoch, train_bpd=train_bpd, lr=trainer.schedule.get_last_lr()[0],
+                           images_per_sec=images_per_sec)
+            if args.save_every_steps and trainer.step % args.save_every_steps == 0 and votes[0] == 0 and procs.main:
+                trainer.save(save_dir)
+            if votes[1] > 0:
+                stop_for_signal(trainer, stop_signal, procs, save_dir)
 
 
 def stop_for_signal(trainer: Trainer, stop_signal: list, procs: Processes, save_dir: Path) -> None:
@@ -754,8 +767,12 @@ def evaluate_and_show(trainer: Trainer, test, args, procs: Processes, log: Metri
                **({} if epoch_done else {"partial_epoch": True}))
     print(f"{where}: test bits/dim {test_bpd:.4f} on {len(test.images)} images (EMA weights)")
     if args.num_samples and not config.categorical_inputs:
-        images = sample(trainer.ema, args.num_samples, seed=0)
-        save_grid(images, save_dir / grid_name, class_columns(args.num_samples, config.num_classes))
+        try:  # a signal abandons the grid at once (it takes seconds); the next step's vote stops the run
+            with stops_raise():
+                images = sample(trainer.ema, args.num_samples, seed=0)
+            save_grid(images, save_dir / grid_name, class_columns(args.num_samples, config.num_classes))
+        except KeyboardInterrupt as stop:
+            stop_signal.append(stop_code(stop) - 128)
     plot_curves(log.records(), save_dir / "curves.png")
 
 
@@ -782,10 +799,10 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    interrupts_raise()
     args = parse_args(argv)
-    procs = start_processes()
-    code = _run(args, procs)
+    with stops_raise():
+        procs = start_processes()
+        code = _run(args, procs)
     if procs.world > 1:
         leave_process_group(code)
     return code
@@ -799,10 +816,9 @@ def _run(args: argparse.Namespace, procs: Processes) -> int:
         return report(PROGRAM, err) if procs.main else 2
     except Stop as why:
         return why.code
-    except KeyboardInterrupt:  # before the training loop's own handlers were installed
-        if procs.main:
-            print(f"{PROGRAM}: interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # before the training loop's own handlers were installed
+        outcome = "nothing was saved (training had not started)"
+        return report_stop(PROGRAM, stop, outcome) if procs.main else stop_code(stop)
     return 0
 
 

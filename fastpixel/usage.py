@@ -1,16 +1,18 @@
 """How the command-line tools read their options and treat a user's mistake: one parser for all
 of them (`Parser`: both spellings of every multi-word flag, no guessing from prefixes, defaults
 shown in --help), mistakes refused before any long work with one line on stderr and exit code
-2, and Ctrl-C while they are still importing torch, which ends quietly with exit code 130
-instead of a traceback."""
+2, and Ctrl-C or SIGTERM, which end a tool with one line and the shell's exit code (130, 143)
+instead of a traceback or a silent death, even while it is still importing torch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -94,7 +96,15 @@ def check_writable(name: str, option: str, directory: bool = False, parents: boo
     """`name` as a Path, once it is clear that a file (or with `directory`, a folder) can be
     written there: folders that do not exist yet are created later when `parents` (always for
     a directory), and must exist otherwise; with `suffix`, `what` is written there, so the name
-    must end in it (a special file aside). Raises a UsageError that says why not."""
+    must end in it (a special file aside). Raises a UsageError that says why not (a name
+    longer than the file system allows among them)."""
+    try:
+        return _check_writable(name, option, directory, parents, suffix, what)
+    except OSError as err:  # os.stat of a name too long for the file system, a folder we may not enter
+        raise UsageError(f"cannot write {name}: {err.strerror or err}") from None
+
+
+def _check_writable(name: str, option: str, directory: bool, parents: bool, suffix: str | None, what: str) -> Path:
     if name == "":
         raise UsageError(f"{option} must not be empty")
     path = Path(name)
@@ -139,22 +149,57 @@ def leave_process_group(code: int) -> None:
     os._exit(code)
 
 
-def _interrupted_while_importing(signum, frame) -> None:
-    print("fastpixel: interrupted while starting; nothing was written", file=sys.stderr)
-    os._exit(130)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt: a tool stops the same way, with its
+    files closed, its partial outputs removed and its lock released, instead of dying at once."""
+
+
+def stop_code(interrupt: KeyboardInterrupt) -> int:
+    """The exit code a shell gives the signal behind `interrupt`: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def report_stop(program: str, interrupt: KeyboardInterrupt, outcome: str = "nothing was written") -> int:
+    """Print which signal stopped the tool, and `outcome`, as one line; return `stop_code`."""
+    code = stop_code(interrupt)
+    print(f"{program}: stopped by {signal.Signals(code - 128).name}; {outcome}", file=sys.stderr)
+    return code
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stopped_while_importing(signum, frame) -> None:
+    print(f"fastpixel: stopped by {signal.Signals(signum).name} while starting; nothing was written", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 def quiet_interrupt_while_importing() -> None:
     """Under `python -m fastpixel.<tool>` (Python sets sys.argv[0] to "-m" while it imports the
-    package), make Ctrl-C before the tool's main() end quietly; `interrupts_raise` undoes it."""
+    package), make Ctrl-C or SIGTERM before the tool's main() end quietly with one line;
+    `stops_raise` undoes it."""
     command = getattr(sys, "orig_argv", [])
     tool = command[command.index("-m") + 1] if "-m" in command[:-1] else ""
-    if (sys.argv[:1] == ["-m"] and tool.startswith("fastpixel.")
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-        signal.signal(signal.SIGINT, _interrupted_while_importing)
+    if sys.argv[:1] == ["-m"] and tool.startswith("fastpixel."):
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, _stopped_while_importing)
 
 
-def interrupts_raise() -> None:
-    """Ctrl-C raises KeyboardInterrupt again (each tool's main() handles it)."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+@contextlib.contextmanager
+def stops_raise():
+    """Within: Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated, which each tool's main()
+    turns into one line and the shell's exit code; the handlers before are restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    before = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            unset = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, unset if handler is _stopped_while_importing else handler)

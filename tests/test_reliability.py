@@ -270,7 +270,7 @@ def test_ctrl_c_while_importing_ends_quietly_with_130(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err, err
-    assert "interrupted while starting" in err
+    assert "stopped by SIGINT while starting" in err
 
 
 # ------------------------------------------------------------------------------ data
@@ -366,6 +366,113 @@ def test_a_signal_during_evaluation_stops_within_a_batch_and_resumes_exactly(mni
     assert epoch["test_bpd"] == pytest.approx(fastpixel.bits_per_dim(fastpixel.load(save_dir), test_images), rel=1e-6)
 
 
+def test_sigterm_at_any_moment_before_training_ends_with_one_line_and_leaves_no_lock(mnist_dir, tmp_path):
+    """While Python imports torch, reads the data or builds the model: the shell's code for
+    SIGTERM, one line saying so, and a new save_dir removed again (or, once training has
+    begun, a checkpoint to resume from beside the lock)."""
+    for delay in (0.3, 1.5, 3.0):
+        save_dir = tmp_path / f"run{delay}"
+        process = subprocess.Popen([sys.executable, "-m", "fastpixel.train", *train_args(mnist_dir, save_dir)],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+        if process.returncode == 0:
+            continue  # the run ended first
+        assert process.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, (delay, err)
+        assert not save_dir.exists() or (save_dir / "state.pt").exists(), (delay, sorted(save_dir.iterdir()))
+
+
+def test_sigterm_stops_sample_with_one_line_and_no_output(checkpoint, tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "fastpixel.sample", "--checkpoint", str(checkpoint), "-n", "64",
+                                "--naive", "--out", str(tmp_path / "grid.png")], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "sampling" not in (line := process.stderr.readline()) and time.monotonic() < deadline:
+        pass  # until the draw has begun
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "stopped by SIGTERM; nothing was written" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_signal_during_the_sample_grid_stops_the_run_at_once(mnist_dir, tmp_path, monkeypatch, capsys):
+    """The grid at an epoch's end takes seconds: a signal abandons it, and the run stops at the
+    next step's vote with its checkpoint, the message on a line of its own."""
+    finished = []
+
+    def slow_signalled_sample(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)  # a grid that would take a minute
+        finished.append(1)
+
+    monkeypatch.setattr(train_module, "sample", slow_signalled_sample)
+    save_dir = tmp_path / "run"
+    args = train_args(mnist_dir, save_dir, "--max_train_images", 16, "--max_epochs", 2, "--num_samples", 4)
+    assert train_module.main(args) == 130
+    assert not finished
+    err = capsys.readouterr().err
+    assert any(line.startswith("python -m fastpixel.train: stopped by SIGINT at step 3") for line in err.splitlines()), err
+    assert load_sealed(save_dir / "state.pt")["step"] == 3
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint_whole(mnist_dir, tmp_path, monkeypatch, capsys):
+    from fastpixel.io import checkpoint as checkpoint_module
+    real_save_file, calls = checkpoint_module.save_file, []
+
+    def disk_full_at_the_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full_at_the_second_save)
+    save_dir = tmp_path / "run"
+    args = train_args(mnist_dir, save_dir, "--max_steps", 3, "--save_every_steps", 1)
+    assert train_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"python -m fastpixel.train: cannot go on: No space left on device; the "
+                                            f"last checkpoint in {save_dir} (step 1) is intact")
+    assert model_step(save_dir) == load_sealed(save_dir / "state.pt")["step"] == 1  # the pair, not half of the next
+    assert not list(save_dir.glob(".*.tmp"))
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)
+    assert train_module.main(args + ["--resume"]) == 0
+
+
+def test_resume_refuses_another_precision(mnist_dir, tmp_path, capsys):
+    save_dir = tmp_path / "run"
+    assert train_module.main(train_args(mnist_dir, save_dir, "--max_steps", 1)) == 0
+    assert train_module.main(train_args(mnist_dir, save_dir, "--max_steps", 2, "--resume", "--amp", "bf16")) == 2
+    assert "--amp bf16 (the run has none)" in capsys.readouterr().err
+
+
+def test_an_epochs_test_logged_just_before_a_kill_is_not_logged_twice(mnist_dir, tmp_path, monkeypatch):
+    """A kill between an epoch's test record and its checkpoint: the resumed run evaluates the
+    epoch again, and its record replaces the first instead of joining it."""
+    real_save, calls = train_module.Trainer.save, []
+
+    def killed_at_the_epochs_checkpoint(self, save_dir):
+        calls.append(1)
+        if len(calls) == 2:  # the step save at step 2, then the epoch's
+            raise SystemExit("killed")
+        real_save(self, save_dir)
+
+    monkeypatch.setattr(train_module.Trainer, "save", killed_at_the_epochs_checkpoint)
+    save_dir = tmp_path / "run"
+    args = train_args(mnist_dir, save_dir, "--max_train_images", 16, "--max_epochs", 1, "--save_every_steps", 2)
+    with pytest.raises(SystemExit):
+        train_module.main(args)
+    assert [r["epoch"] for r in metrics(save_dir) if "test_bpd" in r] == [0]
+    monkeypatch.setattr(train_module.Trainer, "save", real_save)
+    assert train_module.main(args + ["--resume"]) == 0
+    assert [r["epoch"] for r in metrics(save_dir) if "test_bpd" in r] == [0]
+
+
+def test_a_save_dir_name_too_long_for_the_file_system_is_one_line(mnist_dir, tmp_path, capsys):
+    assert train_module.main(train_args(mnist_dir, tmp_path / ("b" * 300))) == 2
+    assert "File name too long" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ kill -9 loop
 KILLER = """
 import os, signal, sys, threading
@@ -378,9 +485,10 @@ def count():
     if len(calls) == int(when):
         os.kill(os.getpid(), signal.SIGKILL)
 
-real_save, real_write = train.save, train.write_atomically
-if kind == "between":  # the model file written, the state not yet
-    train.save = lambda *a, **k: (real_save(*a, **k), count())
+real_replace, real_write = os.replace, train.write_atomically
+if kind == "between":  # the model file renamed into place, the state not yet
+    os.replace = lambda source, target: (real_replace(source, target),
+                                         count() if str(target).endswith("model.safetensors") else None)
 elif kind == "inside":  # while the state's temporary file is being written
     def write(path, writer):
         return real_write(path, (lambda tmp: (writer(tmp), count())) if path.name == "state.pt" else writer)

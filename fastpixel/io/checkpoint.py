@@ -10,6 +10,8 @@ file can write a matching digest, which is why the header check never trusts the
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
 import shutil
 import tempfile
@@ -55,29 +57,64 @@ def write_atomically(path: Path, write) -> None:
     """Call write(temporary_path) next to `path`, fsync, then rename over `path`, so that a kill
     never leaves half a file. A symlink is written through (its target is replaced, the link
     kept), and a path that is not a regular file (/dev/null, a FIFO, a terminal) is written
-    into as it is, never replaced: renaming over /dev/null as root would turn it into a file."""
+    into as it is, never replaced: renaming over /dev/null as root would turn it into a file.
+    Inside `written_together`, the rename (or the copy into a special file) waits for its end."""
     path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    if is_special_file(path):
-        with tempfile.TemporaryDirectory() as folder:
-            staged = Path(folder) / path.name
-            write(str(staged))
+    special = is_special_file(path)
+    if special:
+        folder = tempfile.mkdtemp()
+        staged = Path(folder) / path.name
+
+        def finish():
             with open(staged, "rb") as source, open(path, "wb") as target:
                 shutil.copyfileobj(source, target)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+        discard = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        staged = Path(tmp)
+        finish = functools.partial(os.replace, staged, path)
+        discard = functools.partial(staged.unlink, missing_ok=True)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; a normal file follows the umask
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write(str(staged))
+        if not special:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staged, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; a file follows the umask
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        discard()
         raise
+    together = _written_together.get()
+    if together is not None:
+        together.append((special, finish, discard))
+        return
+    try:
+        finish()
+    finally:
+        discard()
+
+
+_written_together: contextvars.ContextVar[list | None] = contextvars.ContextVar("written_together", default=None)
+
+
+@contextlib.contextmanager
+def written_together():
+    """Within: every write_atomically is staged, and only when all have been written does any
+    replace its file, so that a failure (a full disk) in any leaves every old file as it was: a
+    model and its training state, or a grid and its array, change together or not at all."""
+    staged = []
+    token = _written_together.set(staged)
+    try:
+        yield
+        for _, finish, _ in sorted(staged, key=lambda s: not s[0]):  # copies into special files can fail; renames not
+            finish()
+    finally:
+        _written_together.reset(token)
+        for _, _, discard in staged:
+            discard()
 
 
 def write_array(path: str | os.PathLike, array: np.ndarray) -> None:
