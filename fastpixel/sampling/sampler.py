@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backend import ENV_VAR, choose
+from ..cores import on_idle_cores
 from ..models.config import check_labels
 from ..models.families import FAMILIES, family_of
 from . import engines
@@ -86,7 +87,8 @@ def sample(model, n: int, fast: bool = True, seed: int | None = None,
             batch_known = None if known is None else (known[start:stop].to(param.device), keep[start:stop])
             rows = 0
             try:
-                for rows, _ in enumerate(_rows(model, fast, name, x, noise, batch_labels, batch_known), 1):
+                for rows, _ in enumerate(on_idle_cores(_rows(model, fast, name, x, noise, batch_labels, batch_known),
+                                                       param.device), 1):
                     bar.update(1)
             except Exception as err:  # noqa: BLE001  (whatever a GPU path that never ran here may raise)
                 if not (name == "triton" and _automatic(backend)):

@@ -1,0 +1,50 @@
+"""The thread count a CPU draw takes from the cores other programs leave idle
+(fastpixel/cores.py): read right, applied row by row, restored after, and never a change
+to any image."""
+import pytest
+import torch
+
+import fastpixel
+from fastpixel import cores
+from tests.conftest import tiny_model
+
+
+def test_busy_elsewhere_counts_runnable_threads_less_this_processs_own(tmp_path):
+    (tmp_path / "loadavg").write_text("0.50 0.40 0.30 5/312 4242\n")
+    for tid, state in ((101, "R"), (102, "S"), (103, "R")):
+        (tmp_path / "self" / "task" / str(tid)).mkdir(parents=True)
+        name = "(python (a) R b)"  # a name may hold spaces, parentheses and state letters
+        (tmp_path / "self" / "task" / str(tid) / "stat").write_text(f"{tid} {name} {state} 1 2 3\n")
+    assert cores.busy_elsewhere(str(tmp_path)) == 3
+    (tmp_path / "loadavg").write_text("garbled\n")
+    assert cores.busy_elsewhere(str(tmp_path)) is None
+    assert cores.busy_elsewhere(str(tmp_path / "missing")) is None
+
+
+def _masked_model():
+    torch.manual_seed(0)
+    config = fastpixel.GatedConfig(image_size=(6, 7), channels=1, hidden_fmaps=64, hidden_layers=2)
+    return fastpixel.GatedPixelCNN(config).eval()
+
+
+@pytest.mark.parametrize("family, backend", [("pixelcnnpp", "cext"), ("pixelcnnpp", "torch"), ("gated", "cext")])
+def test_busy_cores_take_fewer_threads_and_change_no_image(monkeypatch, family, backend):
+    """Wide enough layers that the products run in parallel: the same images with one
+    thread (every core looks busy) as with two (all idle), and torch's count restored."""
+    model = tiny_model(dtype=torch.float32, nr_filters=64) if family == "pixelcnnpp" else _masked_model()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    chosen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(cores.torch, "set_num_threads", lambda n: (chosen.append(n), real_set(n)))
+    try:
+        images = {}
+        for idle in (0, 2):
+            monkeypatch.setattr(cores, "idle_cores", lambda idle=idle: idle)
+            chosen.clear()
+            images[idle] = fastpixel.sample(model, 8, seed=3, backend=backend)
+            assert set(chosen[:-1]) == {max(1, idle)} and chosen[-1] == 2  # every row, then restored
+            assert torch.get_num_threads() == 2
+        assert torch.equal(images[0], images[2])
+    finally:
+        real_set(threads_before)
