@@ -175,7 +175,8 @@ def run(args: argparse.Namespace, device: torch.device, rank: int = 0, world: in
                 write_array(args.npy, images.numpy())
     except OSError as err:  # a full disk, /dev/full
         outputs = [p for p in (None if _codes(model) else args.out, args.npy) if p is not None]
-        raise UsageError(f"cannot write {' and '.join(outputs)}: {err.strerror or err}; nothing was written") from None
+        why = err.strerror or f"{err} (a short write: is the disk full?)"  # NumPy's short writes carry no errno
+        raise UsageError(f"cannot write {' and '.join(outputs)}: {why}; nothing was written") from None
     processes = f", {world} processes" if world > 1 else ""
     what = f"{n} {'code maps' if _codes(model) else 'images'}"
     if args.source is not None:
