@@ -373,7 +373,7 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
     acc.resize(m * n_out);
     scratch.resize(m * (k > s_channels ? k : s_channels));
     T* columns = scratch.data();  // (m, k): the window of each output position
-    const bool parallel = m * (k > n_out ? k : n_out) >= PARALLEL_ELEMENTS;
+    [[maybe_unused]] const bool parallel = m * (k > n_out ? k : n_out) >= PARALLEL_ELEMENTS;  // unread without OpenMP
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t at = 0; at < m; ++at) {
         const int64_t b = at / width, j = at % width;
@@ -596,6 +596,15 @@ template <class T> void run(const Op* ops, int64_t count) {
 
 extern "C" {
 int fp_op_slots() { return SLOTS; }
+// Built with OpenMP (-fopenmp): large products share PyTorch's threads; without (a compiler
+// that has none, built with -fopenmp-simd), the engine runs on one thread.
+int fp_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 void fp_run_float32(const Op* ops, int64_t count) { run<float>(ops, count); }
 void fp_run_float64(const Op* ops, int64_t count) { run<double>(ops, count); }
 }

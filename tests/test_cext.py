@@ -1,6 +1,6 @@
 """The C++ engine (csrc/, fastpixel/sampling/engines/cext.py): each pixel op against its Triton kernel
 file's float64 reference, whole samplings (which also run the row ops) against the PyTorch
-cached sampler, the build's fallback, and a CPU path that never imports Triton."""
+cached sampler, and a CPU path that never imports Triton. Its builds: tests/test_cext_builds.py."""
 import importlib.util
 import os
 import shutil
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import fastpixel
-from fastpixel import extension
-from fastpixel.backend import BackendError, choose
+from fastpixel.backend import choose
 from fastpixel.sampling.engines.cext import engine_call
 from fastpixel.kernels.ops import Column, ColumnConv, ColumnCopy, SamplePixel
 from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model
@@ -172,46 +171,3 @@ def test_cext_sampling_runs_without_triton():
     result = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-# --------------------------------------------------------------------------- the build
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """An empty build directory and no build outcome remembered, before and after the test."""
-    monkeypatch.setenv("FASTPIXEL_BUILD_DIR", str(tmp_path))
-    extension.forget()
-    yield tmp_path
-    extension.forget()
-
-
-def test_engine_builds_once_into_the_build_directory(fresh_build, capfd):
-    extension.load()
-    assert "compiling the C++ engine" in capfd.readouterr().err
-    assert len(list(fresh_build.glob("fastpixel_step_*.so"))) == 1
-    extension.forget()
-    extension.load()  # another process: the cached library, no compiling
-    assert capfd.readouterr().err == ""
-
-
-def test_without_a_compiler_auto_falls_back_with_a_warning_and_forced_cext_fails(fresh_build, monkeypatch):
-    monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
-    model = tiny_model(dtype=torch.float32, image_size=(4, 4))
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ engine is unavailable.*no C\\+\\+ compiler"):
-        images = fastpixel.sample(model, 2, fast=True, seed=3)
-    assert torch.equal(images, fastpixel.sample(model, 2, fast=True, seed=3, backend="torch"))
-    with pytest.raises(BackendError, match="backend 'cext' cannot run here: no C\\+\\+ compiler"):
-        fastpixel.sample(model, 2, fast=True, backend="cext")
-    monkeypatch.setenv("FASTPIXEL_BACKEND", "cext")
-    with pytest.raises(BackendError, match="FASTPIXEL_BACKEND=cext cannot run here"):
-        fastpixel.sample(model, 2, fast=True)
-
-
-def test_masked_families_fall_back_alike(fresh_build, monkeypatch):
-    from tests.test_masked_families import tiny
-    monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
-    model = tiny("gated", dtype=torch.float32, image_size=(3, 4))
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ engine is unavailable.*no C\\+\\+ compiler"):
-        images = fastpixel.sample(model, 2, fast=True, seed=3)
-    assert torch.equal(images, fastpixel.sample(model, 2, fast=True, seed=3, backend="torch"))
-    with pytest.raises(BackendError, match="backend 'cext' cannot run here: no C\\+\\+ compiler"):
-        fastpixel.sample(model, 2, fast=True, backend="cext")
