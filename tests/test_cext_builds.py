@@ -140,7 +140,8 @@ def test_a_compiler_without_openmp_builds_an_engine_that_runs_on_one_thread_and_
     assert "has no OpenMP (-fopenmp fails): the C++ engine runs on one thread" in capfd.readouterr().err
     for model in (tiny_model(channels=3, num_classes=2, nonlocal_block=True, image_size=(8, 8)),
                   tiny("gated", **MASKED["rgb-4-labels"])):
-        cached = fastpixel.sample(model, 2, seed=1, backend="cext")
+        cached = fastpixel.sample(model, 2, seed=1, backend="cext", progress=True)
+        assert "cext backend (one thread: built without OpenMP)" in capfd.readouterr().err
         assert torch.equal(cached, fastpixel.sample(model, 2, seed=1, fast=False))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import extension
 from ..backend import ENV_VAR, choose
 from ..cores import on_idle_cores
 from ..models.config import check_labels
@@ -149,7 +150,8 @@ def resolve_backend(device: torch.device | str, fast: bool, requested: str | Non
 def describe(fast: bool, backend: str, device: torch.device | str) -> str:
     """Which sampler and backend a draw runs, in words (the progress line, the CLI's summary)."""
     if fast:
-        return f"cached sampling, {backend} backend, on {device}"
+        alone = backend == "cext" and not extension.threaded()
+        return f"cached sampling, {backend} backend{' (one thread: built without OpenMP)' if alone else ''}, on {device}"
     return f"naive sampling (a full forward pass per pixel), {backend}, on {device}"
 
 
