@@ -4,8 +4,8 @@ with torch's full thread count whatever the load shows what that choice saves.
 
     python benchmarks/load_bench.py [--repeats 5] [--json benchmarks/results/load_cpu.json]
 
-"Busy" runs one busy-loop process per core beside the draw (each bounded to the benchmark's
-life, and stopped by it). Results go to JSON and a Markdown table next to it, with the CPU
+Busy cores run a busy-loop process each beside the draw (one core, then every core; each loop
+bounded to the benchmark's life, and stopped by it). Results go to JSON and a Markdown table next to it, with the CPU
 named."""
 from __future__ import annotations
 
@@ -60,11 +60,11 @@ def main() -> None:
     model = fastpixel.load("mnist")
     threads = torch.get_num_threads()
     cases = {}
-    for load in ("quiet", "busy"):
+    for busy in sorted({0, 1, os.cpu_count()}):
+        load = "quiet" if busy == 0 else f"{busy} of {os.cpu_count()} cores busy"
         for policy in ("idle cores", "all threads"):
-            with busy_cores(os.cpu_count()) if load == "busy" else contextlib.nullcontext():
-                with _all_threads() if policy == "all threads" else contextlib.nullcontext():
-                    cases[f"{load}, {policy}"] = timed_draws(model, args.repeats)
+            with busy_cores(busy), _all_threads() if policy == "all threads" else contextlib.nullcontext():
+                cases[f"{load}, {policy}"] = timed_draws(model, args.repeats)
     quiet = statistics.median(cases["quiet, idle cores"])
     rows = [{"case": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
              "times_quiet": statistics.median(t) / quiet} for name, t in cases.items()]
