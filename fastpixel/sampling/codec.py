@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backend import NAMES, choose
+from ..cores import on_idle_cores
 from ..io.integrity import tensors_digest
 from ..models.config import check_labels
 from ..models.families import family_of
@@ -110,7 +111,7 @@ def _coded_rows(model, size: int, labels, engine: str, code, known: torch.Tensor
                     device=param.device)
     noise = torch.zeros(size, config.noise_channels, height, width, dtype=torch.float64, device=param.device)
     y = None if labels is None else labels.to(param.device)
-    for _ in engines.cached_rows(model, x, noise, y, engine=engine, decide=decide):
+    for _ in on_idle_cores(engines.cached_rows(model, x, noise, y, engine=engine, decide=decide), param.device):
         yield decided
 
 
