@@ -194,6 +194,28 @@ def test_the_memory_estimate_of_a_draw_bounds_its_measured_peak(family, sampler)
     assert 0.1 * estimate <= peak <= 1.25 * estimate, (peak, estimate)
 
 
+def test_a_forward_passs_peak_is_counted_once_and_remembered_on_disk(tmp_path, monkeypatch):
+    """Counting takes a second at a command's start; the count on disk is read back instead,
+    and a corrupt file is counted again and replaced."""
+    import json
+    from fastpixel.models import footprint
+    monkeypatch.setenv("FASTPIXEL_BUILD_DIR", str(tmp_path))
+    config = fastpixel.ModelConfig(image_size=(8, 8), channels=1, nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
+    counted = footprint._count_forward_peak(fastpixel.PixelCNNpp, config, torch.float32)
+    path = tmp_path / "footprints.json"
+    for corrupt in (None, "{not json", "[1, 2]"):
+        if corrupt is not None:
+            path.write_text(corrupt)
+        footprint._forward_peak.cache_clear()
+        assert footprint.forward_peak(fastpixel.PixelCNNpp, config) == counted
+        assert list(json.loads(path.read_text()).values()) == [counted]
+    key, = json.loads(path.read_text())
+    path.write_text(json.dumps({key: counted + 1}))  # a count only the file knows
+    footprint._forward_peak.cache_clear()
+    assert footprint.forward_peak(fastpixel.PixelCNNpp, config) == counted + 1
+    footprint._forward_peak.cache_clear()
+
+
 def test_a_draw_beyond_the_address_space_rlimit_is_refused_up_front(tmp_path):
     import subprocess
     import sys

@@ -6,10 +6,18 @@ cannot exist."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..extension import build_dir
 
 
 def values_held(model_class: type, config) -> tuple[int, int]:
@@ -57,13 +65,56 @@ class _LiveBytes(TorchDispatchMode):
 def forward_peak(model_class: type, config, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a no-grad forward pass holds at once for each image of its batch (the peak at two
     images less the peak at one: what the weights alone make is not per image). Remembered per
-    configuration: following a pass takes up to a second."""
+    configuration, in this process and on disk beside the compiled engines: following a pass
+    takes a second, most of it PyTorch's first meta-device operations, which a draw from the
+    command line would otherwise pay at every start."""
     return _forward_peak(model_class, type(config), config.to_json(), dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def _forward_peak(model_class: type, config_class: type, config_json: str, dtype: torch.dtype) -> int:
-    config = config_class.from_json(config_json)
+    key = f"{model_class.__qualname__} {_code_digest(model_class)} {config_json} {dtype} torch {torch.__version__}"
+    path = build_dir() / "footprints.json"
+    known = _remembered(path)
+    if isinstance(known.get(key), int):
+        return known[key]
+    peak = _count_forward_peak(model_class, config_class.from_json(config_json), dtype)
+    _remember(path, {**known, key: peak})
+    return peak
+
+
+def _code_digest(model_class: type) -> str:
+    """A digest of the source of the model's package: a count is stale once its layers change."""
+    package = Path(sys.modules[model_class.__module__].__file__).parent
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(package.glob("*.py")))).hexdigest()[:16]
+
+
+def _remembered(path: Path) -> dict:
+    """The counts on disk; none when the file is absent, unreadable or not a JSON object."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember(path: Path, known: dict) -> None:
+    """Writes the counts whole or not at all (a temporary file, then a rename): processes may
+    share the file. A read-only or full disk costs the count again next time, nothing more."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(name, path)
+    except OSError:
+        Path(name).unlink(missing_ok=True)
+
+
+def _count_forward_peak(model_class: type, config, dtype: torch.dtype) -> int:
     peaks = []
     with torch.device("meta"), torch.no_grad():
         model = model_class(config).to(dtype).eval()
