@@ -108,6 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "codec_cpu"), help="JSON and Markdown, without suffix")
     parser.add_argument("--device", default="cpu", help="where the models run (cuda: the Triton engine)")
+    parser.add_argument("--conditions", default="a quiet machine",
+                        help="what else ran meanwhile, for the record (e.g. a training at the lowest priority)")
     args = parser.parse_args(argv)
     rows = []
     for name, model_name in SETS.items():
@@ -135,11 +137,11 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
     pairs = exact_pairs(fastpixel.load("mnist"), load_dataset("mnist", args.data_dir, "test", download=False).images[:32])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
-    result = dict(machine=device, batch_size=args.batch_size, rows=rows, exact_pairs=pairs)
+    result = dict(machine=device, conditions=args.conditions, batch_size=args.batch_size, rows=rows, exact_pairs=pairs)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# fastpixel's codec against PNG, WebP, lzma and bz2 (bits per sub-pixel, everything stored)", "",
              f"Machine: {result['machine']}. `benchmarks/codec_table.py`, batches of {args.batch_size}; the bundled "
-             "models; a training ran in the background at the lowest priority (nice 19, one thread).", "",
+             f"models; {args.conditions}.", "",
              "| test set | images | PNG (per image) | WebP lossless (per image) | bz2 (whole set) | lzma (whole set) | "
              "fastpixel | model bits/dim | round trip | encode | decode | naive decode (estimated) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
