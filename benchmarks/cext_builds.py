@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,16 +35,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastpixel
+from machine import describe_machine, machine_line
 from profile_cached import MODELS, _engine_parts, _forward
 
 BUILDS = ("native", "x86-64-v3")
 # PyTorch's libraries held to a build's instruction set, in the build's process
 LIBRARY_ISA = {"x86-64-v3": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 BATCHES = (1, 16, 64)
-# x86 vector extensions worth naming in the machine's description (/proc/cpuinfo flags)
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                "avx512_fp16", "amx_tile", "asimd", "sve")
-
 
 def model(name: str) -> torch.nn.Module:
     """The benchmarks' models: random weights after data-dependent init, or the bundled one."""
@@ -56,22 +52,6 @@ def model(name: str) -> torch.nn.Module:
     height, width = built.config.shape
     built.data_init(torch.rand(8, built.config.channels, height, width) * 2 - 1)  # realistic activation scales
     return built.eval()
-
-
-def machine() -> dict:
-    """The CPU's model and vector extensions, from /proc/cpuinfo where there is one."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")):
-                flags |= set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return dict(cpu=cpu, vector_extensions=[f for f in VECTOR_FLAGS if f in flags], cores=os.cpu_count(),
-                threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-                system=f"{platform.system()} {platform.release()}")
 
 
 def mm_gflops(size: int = 2048, runs: int = 5) -> float:
@@ -125,7 +105,7 @@ def main(argv=None) -> None:
     if args.worker:
         return _worker(args.worker[0], int(args.worker[1]))
 
-    result = dict(machine=machine(), date=datetime.date.today().isoformat(), builds=args.builds,
+    result = dict(machine=describe_machine(), date=datetime.date.today().isoformat(), builds=args.builds,
                   mm_gflops=mm_gflops(), cases=[])
     for name in args.models:
         net = model(name)
@@ -151,9 +131,7 @@ def markdown(result: dict) -> str:
     m, builds = result["machine"], result["builds"]
     rate = result["mm_gflops"]
     lines = [f"# The C++ engine's builds side by side: {', '.join(builds)}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, vector extensions {' '.join(m['vector_extensions'])}; "
-             f"{m['system']}, Python {m['python']}, torch {m['torch']} ({m['threads']} threads). "
-             f"Date: {result['date']}. float32, `benchmarks/cext_builds.py`.", "",
+             f"Machine: {machine_line(m)}. Date: {result['date']}. float32, `benchmarks/cext_builds.py`.", "",
              f"torch.mm, 2048 x 2048 float32: {rate:.0f} GFLOP/s (again after the runs: "
              f"{result['mm_gflops_after']:.0f}).", "",
              "## Seconds per sampling, and in forward passes of the same batch", "",

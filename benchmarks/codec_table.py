@@ -31,7 +31,7 @@ import fastpixel
 from fastpixel.io.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from completion_speed import machine  # noqa: E402  (one description of the machine for every script)
+from machine import machine_line  # noqa: E402  (one description of the machine for every script)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETS = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}  # data set: the bundled model trained on it
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     pairs = exact_pairs(fastpixel.load("mnist"), load_dataset("mnist", args.data_dir, "test", download=False).images[:32])
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine_line()
     result = dict(machine=device, conditions=args.conditions, batch_size=args.batch_size, rows=rows, exact_pairs=pairs)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# fastpixel's codec against PNG, WebP, lzma and bz2 (bits per sub-pixel, everything stored)", "",

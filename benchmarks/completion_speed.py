@@ -11,31 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import fastpixel
 from fastpixel.io.data import load_dataset
+from machine import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    """The CPU model and its vector extensions, from /proc/cpuinfo where there is one."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", fields.get("Features", "")).split())
-    vectors = [name for name in ("avx512f", "avx2", "fma", "asimd", "neon") if name in flags]
-    return (f"{fields.get('model name', platform.machine())} ({', '.join(vectors) or 'no vector extensions listed'}), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def _seconds(run) -> float:
@@ -72,7 +56,7 @@ def main(argv=None) -> None:
                                  min_s=min(seconds), ratio_to_scratch=statistics.median(seconds) / scratch))
                 print(f"{name:12} {engine:6} {case:26} median {rows[-1]['median_s']:.3f} s  "
                       f"({rows[-1]['ratio_to_scratch']:.2f}x from scratch)", flush=True)
-    data = dict(machine=machine(), batch=16, repeats=args.repeats, rows=rows)
+    data = dict(machine=machine_line(), batch=16, repeats=args.repeats, rows=rows)
     Path(args.out + ".json").write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Completion against drawing from scratch (16 MNIST digits)", "",
              f"Machine: {data['machine']}. `benchmarks/completion_speed.py`, {args.repeats} alternating repeats after a "

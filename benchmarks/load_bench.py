@@ -25,7 +25,7 @@ import fastpixel
 from fastpixel import cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from completion_speed import machine  # noqa: E402  (the CPU model and its vector extensions)
+from machine import machine_line  # noqa: E402  (the CPU model and its vector extensions)
 
 
 @contextlib.contextmanager
@@ -68,10 +68,10 @@ def main() -> None:
     quiet = statistics.median(cases["quiet, idle cores"])
     rows = [{"case": name, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
              "times_quiet": statistics.median(t) / quiet} for name, t in cases.items()]
-    result = {"machine": machine(), "torch_threads": threads, "model": "mnist (bundled)", "images": 16,
+    result = {"machine": machine_line(), "torch_threads": threads, "model": "mnist (bundled)", "images": 16,
               "repeats": args.repeats, "cases": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# 16 digits beside busy cores\n\nMachine: {machine()}.\n",
+    lines = [f"# 16 digits beside busy cores\n\nMachine: {machine_line()}.\n",
              "| case | median s | min s | max s | × quiet |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['times_quiet']:.1f} |"
               for r in rows]

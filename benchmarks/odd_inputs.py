@@ -18,6 +18,7 @@ from PIL import Image
 
 import fastpixel
 from fastpixel.io.data import load_dataset
+from machine import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist"}  # bundled model: the data set it was trained on
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Detecting odd inputs by likelihood (first {args.images} test images of each set)", "",
              "`benchmarks/odd_inputs.py`; scores are per-image bits/dim of the bundled models (`fastpixel.log_prob`); "
-             "the results do not depend on the machine (float32 on a CPU; Intel Xeon, AVX-512, here).", "",
+             f"the results do not depend on the machine's speed (float32; run on {machine_line()}).", "",
              "| model | own test set (bits/dim) | other test set (bits/dim) | AUROC, bits/dim | AUROC, bits/dim − PNG bits/dim |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| `{r['model']}` | {r['own']}: {r['own_bpd']:.3f} | {r['other']}: {r['other_bpd']:.3f} | {r['auroc']:.3f} | "

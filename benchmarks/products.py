@@ -93,19 +93,19 @@ def main(argv=None) -> None:
     if args.this_build:
         print(json.dumps(time_build()))
         return
-    from cext_builds import LIBRARY_ISA, machine
+    from cext_builds import LIBRARY_ISA
+    from machine import describe_machine, machine_line
     timed = {}
     for build in BUILDS:
         done = subprocess.run([sys.executable, __file__, "--this-build"], capture_output=True, text=True, check=True,
                               env={**os.environ, "FASTPIXEL_CPU_ARCH": build, **LIBRARY_ISA.get(build, {})})
         timed[build] = json.loads(done.stdout.splitlines()[-1])
-    described = machine()
+    described = describe_machine()
     result = dict(machine=described, threads=torch.get_num_threads(), builds=timed)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# The engine's matrix product against torch.mm", "",
-             f"Machine: {described['cpu']}, {described['cores']} cores, vector extensions "
-             f"{' '.join(described['vector_extensions'])}; torch {torch.__version__} ({torch.get_num_threads()} "
-             f"threads), float32. `benchmarks/products.py`. Microseconds per product (median of 7).", "",
+             f"Machine: {machine_line(described)}. float32, `benchmarks/products.py`. Microseconds per product "
+             "(median of 7).", "",
              "| product | batch | m x k @ k x n | engine, native | torch.mm | engine, x86-64-v3 | torch.mm held to AVX2 |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for native, v3 in zip(timed["native"], timed["x86-64-v3"]):

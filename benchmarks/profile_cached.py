@@ -12,7 +12,6 @@ per-row work and the pixel steps, each beside one forward pass of the same batch
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ import fastpixel
 from fastpixel import sampling
 from fastpixel.sampling.caches.pixelcnnpp import CachedNetwork
 from fastpixel.sampling.engines.cext import CextSteps
+from machine import machine_line
 
 MODELS = {
     "mnist": fastpixel.ModelConfig(image_size=28, channels=1, nr_resnet=3, nr_filters=64, nr_logistic_mix=5),
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     model.data_init(torch.rand(8, model.config.channels, height, width) * 2 - 1)  # realistic activation scales
     model.eval()
     title = f"# Cached sampling profile: {args.model}-size model, {args.backend} backend"
-    machine = f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}."
+    machine = f"Machine: {machine_line()}."
     if args.backend == "cext":
         lines = [title, "", machine + " Seconds, the fastest of three runs.", "",
                  "| batch | building the sampler | rows | pixel steps | total | one forward pass | total in forward passes |",

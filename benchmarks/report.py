@@ -41,9 +41,13 @@ def rows_from(data: dict) -> list[dict]:
 
 
 def machine(data: dict) -> str:
+    """benchmarks/machine.py's line, as the suite recorded it; for older files, pytest-benchmark's
+    own description (which names no vector extensions)."""
     info = data.get("machine_info", {})
     cpu = info.get("cpu", {})
     extra = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
+    if "machine" in extra:
+        return extra["machine"]
     return (f"{cpu.get('brand_raw', info.get('processor', 'unknown CPU'))}, {cpu.get('count', '?')} logical cores, "
             f"{info.get('system', '')} {info.get('release', '')}, Python {info.get('python_version', '?')}, "
             f"torch {extra.get('torch', '?')} ({extra.get('threads', '?')} threads)")

@@ -20,6 +20,7 @@ import fastpixel
 from fastpixel import backend
 from fastpixel.models.families import family_of
 from fastpixel.sampling import resolve_backend
+from machine import machine_line
 
 QUICK = os.environ.get("FASTPIXEL_BENCH_QUICK") == "1"
 if QUICK:
@@ -79,7 +80,8 @@ def describe(benchmark, name, batch, method, multiplier=1, cfg=None):
     cfg = cfg or MODELS[name]
     benchmark.group = f"{name} batch {batch}"
     benchmark.extra_info.update(model=name, config=cfg.to_dict(), batch=batch, method=method,
-                                multiplier=multiplier, torch=torch.__version__, threads=torch.get_num_threads())
+                                multiplier=multiplier, torch=torch.__version__, threads=torch.get_num_threads(),
+                                machine=machine_line())
 
 
 @pytest.mark.parametrize("name, batch", CASES)
