@@ -33,6 +33,36 @@ def test_image_i_does_not_depend_on_n_or_batch_size():
     assert not torch.equal(fastpixel.sample(model, 3, fast=False, seed=4), full[:3])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cext"])
+def test_a_draw_after_the_weights_change_samples_from_the_new_weights(backend):
+    """The caches keep each layer's filter from one draw to the next (caches/pixelcnnpp.py
+    `_filter`): a change of the parameters in place, by loading other weights, by replacing
+    them, or by a conversion to another dtype must reach the next draw, which then equals a
+    naive one."""
+    model = tiny_model()
+    before = fastpixel.sample(model, 2, seed=0, backend=backend)
+    other = tiny_model().state_dict()
+
+    def changes():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)  # in place, as an optimiser step does
+        yield True
+        model.load_state_dict(other)
+        yield True
+        for p in model.parameters():
+            p.data = p.data * 0.8  # new tensors, whose version counters start again
+        yield True
+        model.to(torch.float32)  # rounding alone: the images may stay the same
+        yield False
+
+    for changes_images in changes():
+        cached = fastpixel.sample(model, 2, seed=0, backend=backend)
+        assert torch.equal(cached, fastpixel.sample(model, 2, seed=0, fast=False))
+        assert not (changes_images and torch.equal(cached, before))
+        before = cached
+
+
 def test_first_draws_a_slice_of_the_one_process_images_and_labels():
     """What each torchrun rank draws: images first.. of the seed's sequence, labels cycling by global index."""
     model = tiny_model(dtype=torch.float32, num_classes=3)

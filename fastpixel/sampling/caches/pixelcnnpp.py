@@ -32,6 +32,7 @@ these methods, the Triton and C++ engines run the same plan over the same buffer
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -39,6 +40,30 @@ import torch.nn.functional as F
 
 from ...models.pixelcnnpp.layers import GatedResnet, Nin, ShiftedConv2d
 from ...models.pixelcnnpp.model import LEVELS, PixelCNNpp
+
+# A layer's filter in the layouts the caches read, kept from one sampler to the next (a
+# sampler is built per call; weight normalisation and the copy are a tenth of a batch-1
+# draw) until its parameters change: in place (their version counters) or replaced (their
+# addresses: the entry holds the parameters it was made from, so no other tensor can take
+# their place at the same address, e.g. after `.to()`).
+_FILTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _filter(layer: ShiftedConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight (Cout, Cin, kh, kw) and the same as one matrix whose rows follow a
+    flattened window (kh, kw, Cin): (kh * kw * Cin, Cout)."""
+    params = list(layer.parameters())
+    kept = _FILTERS.get(layer)
+    if kept is not None:
+        held, versions, filters = kept
+        if len(held) == len(params) and all(p.data_ptr() == h.data_ptr() and p.dtype == h.dtype and p._version == v
+                                            for p, h, v in zip(params, held, versions)):
+            return filters
+    weight = layer.weight().detach()
+    out_channels, in_channels, kh, kw = weight.shape
+    window = weight.permute(2, 3, 1, 0).reshape(kh * kw * in_channels, out_channels).contiguous()
+    _FILTERS[layer] = ([p.detach() for p in params], [p._version for p in params], (weight, window))
+    return weight, window
 
 
 class ConvCache:
@@ -52,15 +77,14 @@ class ConvCache:
     """
 
     def __init__(self, layer: ShiftedConv2d, batch: int, width: int, bias: torch.Tensor | None = None):
-        self.weight = layer.weight().detach()  # (Cout, Cin, kh, kw)
+        # (Cout, Cin, kh, kw), and as one matrix: the newest row's share is its last kw * Cin
+        # rows, the older rows' share the ones before
+        self.weight, self.window_weight = _filter(layer)
         out_channels, in_channels, kh, self.kw = self.weight.shape
         left, right = layer.padding[:2]
         self.bias = (layer.b.detach() if bias is None else bias).expand(batch, out_channels)
         self.rows = self.weight.new_zeros(batch, kh, left + width + right, in_channels)
         self.left, self.width, self.stride = left, width, layer.stride
-        # The filter as one matrix whose rows follow a flattened window (kh, kw, Cin); the newest
-        # row's share is its last kw * Cin rows, the older rows' share the ones before.
-        self.window_weight = self.weight.permute(2, 3, 1, 0).reshape(kh * self.kw * in_channels, out_channels).contiguous()
         self.newest_weight = self.window_weight[(kh - 1) * self.kw * in_channels:]
         out_width = (left + width + right - self.kw) // self.stride + 1
         # (B, Wout, Cout), refilled in place by start_pixels: a fixed buffer, which captured steps may read
