@@ -36,22 +36,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastpixel
 from machine import describe_machine, machine_line
-from profile_cached import MODELS, _engine_parts, _forward
+from profile_cached import _engine_parts, _forward, benchmark_model
 
 BUILDS = ("native", "x86-64-v3")
 # PyTorch's libraries held to a build's instruction set, in the build's process
 LIBRARY_ISA = {"x86-64-v3": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 BATCHES = (1, 16, 64)
-
-def model(name: str) -> torch.nn.Module:
-    """The benchmarks' models: random weights after data-dependent init, or the bundled one."""
-    if name == "bundled":
-        return fastpixel.load("mnist").eval()
-    torch.manual_seed(0)
-    built = fastpixel.PixelCNNpp(MODELS[name])
-    height, width = built.config.shape
-    built.data_init(torch.rand(8, built.config.channels, height, width) * 2 - 1)  # realistic activation scales
-    return built.eval()
 
 
 def mm_gflops(size: int = 2048, runs: int = 5) -> float:
@@ -87,7 +77,7 @@ def cext_parts(build: str, name: str, batch: int) -> dict:
 def _worker(name: str, batch: int) -> None:
     from fastpixel import extension
     extension.load()  # built (or found in the cache) before anything is timed
-    net = model(name)
+    net = benchmark_model(name)
     building, rows, pixels = _engine_parts(net, batch)
     print(json.dumps(dict(building=building, rows=rows, pixels=pixels, total=building + rows + pixels,
                           forward=_forward(net, batch), mm_gflops=mm_gflops(),
@@ -108,7 +98,7 @@ def main(argv=None) -> None:
     result = dict(machine=describe_machine(), date=datetime.date.today().isoformat(), builds=args.builds,
                   mm_gflops=mm_gflops(), cases=[])
     for name in args.models:
-        net = model(name)
+        net = benchmark_model(name)
         flops = forward_flops(net)
         for batch in args.batches:
             case = dict(model=name, config=net.config.to_dict(), batch=batch, flops_per_image=flops,

@@ -42,6 +42,18 @@ KINDS = {  # operator -> kind of work
 }
 
 
+def benchmark_model(name: str) -> fastpixel.PixelCNNpp:
+    """A model of MODELS: random weights after data-dependent initialisation (realistic
+    activation scales), the same for every run; or "bundled", the shipped MNIST model."""
+    if name == "bundled":
+        return fastpixel.load("mnist").eval()
+    torch.manual_seed(0)
+    model = fastpixel.PixelCNNpp(MODELS[name])
+    height, width = model.config.shape
+    model.data_init(torch.rand(8, model.config.channels, height, width) * 2 - 1)
+    return model.eval()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mnist")
@@ -50,11 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_cpu.md"))
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    model = fastpixel.PixelCNNpp(MODELS[args.model])
-    height, width = model.config.shape
-    model.data_init(torch.rand(8, model.config.channels, height, width) * 2 - 1)  # realistic activation scales
-    model.eval()
+    model = benchmark_model(args.model)
     title = f"# Cached sampling profile: {args.model}-size model, {args.backend} backend"
     machine = f"Machine: {machine_line()}."
     if args.backend == "cext":
