@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .io.checkpoint import MODEL_FILE, load, new_folders_removed_if_empty, save, write_atomically, written_together
@@ -79,7 +80,8 @@ ACTIVATIONS_HELD = 4
 RESUME_MUST_MATCH = ("model", "causal_ksize", "hidden_ksize", "hidden_fmaps", "out_hidden_fmaps", "hidden_layers",
                      "color_levels", "data_set", "max_train_images", "nr_resnet", "nr_filters", "nr_logistic_mix",
                      "resnet_nonlinearity", "dropout_p", "class_conditional", "coordconv", "nonlocal_block", "seed",
-                     "lr", "lr_decay", "polyak_decay", "focal", "gamma", "grad_clip", "amp")
+                     "lr", "lr_decay", "polyak_decay", "focal", "gamma", "grad_clip", "amp",
+                     "label_ce", "label_ce_images")
 # Options that belong to this invocation, never taken from the run.
 NOT_INHERITED = ("resume", "init_from", "save_dir", "given")
 
@@ -123,6 +125,13 @@ def parser() -> Parser:
     pp.add_argument("-fl", "--focal", action="store_true", help="train with focal loss (bits/dim still reported plainly)")
     pp.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
     p.add_argument("--class_conditional", action="store_true", help="condition on the data set's labels")
+    p.add_argument("--label_ce", type=float, default=0.0,
+                   help="class-conditional runs: weight of a cross-entropy term that teaches the model to tell the "
+                        "classes apart, the classifier argmax over y of p(x | y) scored on each batch's first "
+                        "--label_ce_images images (in bits/dim, like the loss; 0: plain likelihood)")
+    p.add_argument("--label_ce_images", type=int, default=4,
+                   help="images per batch scored under every label for --label_ce (each costs num_classes - 1 "
+                        "extra forward passes)")
     p.add_argument("--max_epochs", "--epochs", type=int, default=5000, help="stop after this many epochs")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps in all")
     p.add_argument("--batch_size", type=int, default=16, help="images per process per step")
@@ -359,7 +368,8 @@ def memory_estimate(args: argparse.Namespace, config) -> int:
     """Bytes a training step's peak holds: the training state (weights, gradients, Adam's
     moments, the EMA) and one batch's activations, in float32."""
     weights, per_image = values_held(family_named(args.model).model, config)
-    return 4 * (weights * COPIES_OF_THE_WEIGHTS + per_image * ACTIVATIONS_HELD * max(args.batch_size, args.init_batch_size))
+    step_images = args.batch_size + (args.label_ce_images * (config.num_classes - 1) if args.label_ce else 0)
+    return 4 * (weights * COPIES_OF_THE_WEIGHTS + per_image * ACTIVATIONS_HELD * max(step_images, args.init_batch_size))
 
 
 def check_args(args: argparse.Namespace, procs: Processes) -> None:
@@ -389,6 +399,13 @@ def check_args(args: argparse.Namespace, procs: Processes) -> None:
         raise UsageError("--lr_decay must lie in (0, 1] and --polyak_decay in [0, 1)")
     if not args.lr > 0 or (args.grad_clip is not None and not args.grad_clip > 0) or args.gamma < 0:
         raise UsageError("--lr and --grad_clip must be positive and --gamma must not be negative")
+    if not 0 <= args.label_ce < math.inf or not args.label_ce_images >= 1:
+        raise UsageError(f"--label_ce must be a finite number >= 0 (got {args.label_ce}) and --label_ce_images "
+                         f"positive (got {args.label_ce_images})")
+    if args.label_ce and not args.class_conditional:
+        raise UsageError("--label_ce teaches a class-conditional model its labels: add --class_conditional")
+    if args.label_ce and args.label_ce_images > args.batch_size:
+        raise UsageError(f"--label_ce_images {args.label_ce_images} exceeds --batch_size {args.batch_size}")
     if args.model == "pixelcnnpp":
         given = [f"--{name}" for name in MASKED_FLAGS if getattr(args, name) is not None]
         if given:
@@ -668,18 +685,25 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
             seed_step(args.seed, procs.rank, trainer.epoch, trainer.batch_in_epoch)
             x = model_input(images.to(device, non_blocking=True))
             labels = labels.to(device) if config.num_classes is not None else None
+            scored = args.label_ce_images if args.label_ce else 0
+            x_all, labels_all = with_other_labels(x, labels, scored, config.num_classes) if scored else (x, labels)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-                params = net(x, labels)
-            plain = trainer.model.nll(params.float(), x)
-            loss = mixture.focal_nll(params.float(), x, args.gamma) if args.focal else plain
+                params = net(x_all, labels_all).float()  # one call: DDP allows one forward per backward
+            plain = trainer.model.nll(params[:len(x)], x)
+            loss = mixture.focal_nll(params[:len(x)], x, args.gamma) if args.focal else plain
             loss = bits_per_dim_of(loss.mean(), config)
+            if scored:
+                others = trainer.model.nll(params[len(x):], x_all[len(x):]).view(scored, -1)
+                label_ce = label_cross_entropy(plain[:scored], others)
+                loss = loss + args.label_ce * bits_per_dim_of(label_ce, config)
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             finite = torch.stack([torch.isfinite(loss)] + [p.grad.isfinite().all() for p in trainer.model.parameters()
                                                            if p.grad is not None]).all()
             # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim].
             votes = torch.stack([(~finite).double(), torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device),
-                                 bits_per_dim_of(plain.detach().mean(), config).double()])
+                                 bits_per_dim_of(plain.detach().mean(), config).double(),
+                                 label_ce.detach().double() if scored else torch.zeros((), dtype=torch.float64, device=device)])
             votes = procs.all_sum(votes).tolist()
             trainer.batch_in_epoch += 1
             if votes[0] > 0:
@@ -710,11 +734,28 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
             last = reached_max_steps(trainer, args) or votes[1] > 0  # a run's last step is always logged
             if (trainer.step % args.log_every == 0 or last) and votes[0] == 0:
                 log.append(step=trainer.step, epoch=trainer.epoch, train_bpd=train_bpd, lr=trainer.schedule.get_last_lr()[0],
-                           images_per_sec=images_per_sec)
+                           images_per_sec=images_per_sec, **({"label_ce": float(votes[3]) / procs.world} if scored else {}))
             if args.save_every_steps and trainer.step % args.save_every_steps == 0 and votes[0] == 0 and procs.main:
                 trainer.save(save_dir)
             if votes[1] > 0:
                 stop_for_signal(trainer, stop_signal, procs, save_dir)
+
+
+def with_other_labels(x: torch.Tensor, labels: torch.Tensor, scored: int, classes: int):
+    """The batch, then its first `scored` images again under each of the other labels, image by
+    image: image i under labels[i] + 1, labels[i] + 2, ... (mod classes)."""
+    shifts = torch.arange(1, classes, device=labels.device)
+    others = (labels[:scored, None] + shifts) % classes
+    return torch.cat([x, x[:scored].repeat_interleave(classes - 1, dim=0)]), torch.cat([labels, others.flatten()])
+
+
+def label_cross_entropy(true_nll: torch.Tensor, other_nll: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, in nats, of the classifier softmax over y of log p(x | y) (a uniform
+    prior), given each image's nll under its own label (n,) and under the others (n, classes - 1).
+    Plain likelihood holds log p(y | x) at the weight of one image's bits, a few thousandths
+    of a bit per dimension: too little pressure to steer hard."""
+    logits = -torch.cat([true_nll[:, None], other_nll], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 def stop_for_signal(trainer: Trainer, stop_signal: list, procs: Processes, save_dir: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import fastpixel
 from fastpixel.io import data as data_module
 from fastpixel import train as train_module
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--nr_resnet", "1", "--nr_filters", "8", "--nr_logistic_mix", "2", "--init_batch_size", "16",
@@ -172,6 +173,39 @@ def test_init_from_an_unconditional_model_starts_a_class_conditional_run(mnist_d
     back = common + ["--save_dir", str(tmp_path / "back"), "--init_from", str(tmp_path / "labels")]
     assert train_module.main(back) == 2
     assert "or the same without num_classes" in capsys.readouterr().err
+
+
+def test_label_cross_entropy_is_the_loss_of_the_classifier_argmax_p_x_given_y():
+    """The batch the trainer scores under the other labels, with one forward pass, gives the
+    cross-entropy of softmax over y of log p(x | y), computed here label by label."""
+    model = tiny_model(num_classes=4)
+    with torch.no_grad():
+        for block in model.modules():
+            if getattr(block, "class_bias", None) is not None:
+                block.class_bias.weight.normal_(0, 0.5)
+    x = torch.rand(5, 1, 8, 12, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 3, 1, 2, 3])
+    scored = 3
+    x_all, labels_all = train_module.with_other_labels(x, labels, scored, 4)
+    nll = model.nll(model(x_all, labels_all), x_all)
+    ce = train_module.label_cross_entropy(nll[:scored], nll[len(x):].view(scored, 3))
+    by_label = torch.stack([model.nll(model(x[:scored], torch.full((scored,), y)), x[:scored]) for y in range(4)], dim=1)
+    reference = -torch.log_softmax(-by_label, dim=1)[torch.arange(scored), labels[:scored]].mean()
+    torch.testing.assert_close(ce, reference)
+    assert reference > 0.01  # the labels move the likelihood: the check compares something
+
+
+def test_label_ce_training_logs_the_cross_entropy_and_refuses_what_it_cannot_do(mnist_dir, tmp_path, capsys):
+    common = ["--data_set", "mnist", "--data_dir", str(mnist_dir), *TINY, "--batch_size", "8", "--num_samples", "0",
+              "--log_every", "1", "--label_ce", "2", "--label_ce_images", "3"]
+    assert train_module.main(common + ["--save_dir", str(tmp_path / "plain")]) == 2
+    assert "add --class_conditional" in capsys.readouterr().err
+    assert train_module.main(common + ["--class_conditional", "--batch_size", "2", "--save_dir", str(tmp_path / "x")]) == 2
+    assert "--label_ce_images 3 exceeds --batch_size 2" in capsys.readouterr().err
+    assert train_module.main(common + ["--class_conditional", "--max_steps", "2", "--save_dir", str(tmp_path / "run")]) == 0
+    records = [r for r in metrics(tmp_path / "run") if "train_bpd" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["label_ce"] > 0 and r["train_bpd"] > 1 for r in records)  # ten random labels: about ln 10
 
 
 def test_ema_follows_polyak_averaging_after_a_warm_up(mnist_dir, tmp_path):
