@@ -62,8 +62,8 @@ CLASS_CONDITIONAL = [name for name in bundled_models() if fastpixel.load(name).c
 @pytest.mark.parametrize("name", CLASS_CONDITIONAL)
 def test_bundled_class_conditional_model_names_the_class_of_real_test_images(name):
     """Read as a classifier, argmax over y of p(image | y), the model labels held-out images
-    correctly: its labels steer what it models (`mnist-cond`: 84%; a model that ignored them
-    would score about 10%)."""
+    correctly: its labels steer what it models (`mnist-cond`: 96% of these 100, 93% of the first
+    1,000; a model that ignored them would score about 10%)."""
     data_set = re.search(r"data set: `(\w+)`", card_section(name)).group(1)
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the real {data_set} test set is not here ({SHARED_DATA} is absent)")
@@ -74,14 +74,14 @@ def test_bundled_class_conditional_model_names_the_class_of_real_test_images(nam
         nll = torch.stack([model.nll(model(x, torch.full((len(x),), y)), x)
                            for y in range(model.config.num_classes)], dim=1)
     accuracy = float((nll.argmin(dim=1) == test.labels[:100]).float().mean())
-    assert accuracy >= 0.75
+    assert accuracy >= 0.9
 
 
 @pytest.mark.parametrize("name", CLASS_CONDITIONAL)
 def test_bundled_class_conditional_sampler_draws_the_classes_asked_for(name, tmp_path):
     """Read by a reader independent of the model, the nearest neighbour among the real training
     images (96% right on the first 1,000 MNIST test digits), the sampler's default grid cycles
-    through the classes and `--label 7` draws sevens (`mnist-cond`, seed 0: 86% and 80%; a
+    through the classes and `--label 7` draws sevens (`mnist-cond`, seed 0: 88% and 90%; a
     model that ignored its labels would score about 10%)."""
     data_set = re.search(r"data set: `(\w+)`", card_section(name)).group(1)
     if not SHARED_DATA.is_dir():
@@ -100,9 +100,9 @@ def test_bundled_class_conditional_sampler_draws_the_classes_asked_for(name, tmp
         return train.labels[torch.cdist(images, references).argmin(dim=1)]
 
     cycled = read_samples()
-    assert float((cycled == torch.arange(5 * classes) % classes).float().mean()) >= 0.7
+    assert float((cycled == torch.arange(5 * classes) % classes).float().mean()) >= 0.84
     sevens = read_samples("--label", "7")
-    assert float((sevens == 7).float().mean()) >= 0.7
+    assert float((sevens == 7).float().mean()) >= 0.84
 
 
 def test_sampler_without_arguments_draws_from_the_bundled_mnist_model(tmp_path):
