@@ -166,8 +166,34 @@ def report_stop(program: str, interrupt: KeyboardInterrupt, outcome: str = "noth
     return code
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_held = [0, None]  # [depth of signals_held(), the signal that arrived inside it]
+
+
+def _raise_stop(signum, frame) -> None:
+    """SIGINT raises KeyboardInterrupt and SIGTERM Terminated, unless signals_held() is keeping
+    them: then the stop waits for its end."""
+    if _held[0]:
+        _held[1] = signum
+        return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Within: a Ctrl-C or SIGTERM that arrives stops the tool only when the block ends.
+
+    Why: Python runs signal handlers between bytecodes, also in Python code that a C++
+    library is calling back, and an exception raised there can end in std::terminate, the
+    process killed by SIGABRT without a word (Triton's first import, which PyTorch triggers
+    on first meta-device work, did that under a SIGTERM). Hold them around such work."""
+    _held[0] += 1
+    try:
+        yield
+    finally:
+        _held[0] -= 1
+        arrived, _held[1] = (_held[1], None) if not _held[0] else (None, _held[1])
+        if arrived is not None:
+            _raise_stop(arrived, None)
 
 
 def _stopped_while_importing(signum, frame) -> None:
@@ -195,8 +221,8 @@ def stops_raise():
         yield
         return
     before = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ import fastpixel
 from fastpixel.io import data as data_module
 from fastpixel import eval as eval_module
 from fastpixel import train as train_module
+from fastpixel import usage
 from fastpixel.io.checkpoint import CheckpointError
 from fastpixel.io.integrity import IntegrityError, load_sealed, sealed, tensors_digest
 from tests.conftest import tiny_model, write_random_mnist
@@ -364,6 +365,25 @@ def test_a_signal_during_evaluation_stops_within_a_batch_and_resumes_exactly(mni
     assert "train_bpd" not in epoch  # one batch's number and the epoch's mean have different names
     test_images = data_module.load_dataset("mnist", mnist_dir, "test").images[:6]
     assert epoch["test_bpd"] == pytest.approx(fastpixel.bits_per_dim(fastpixel.load(save_dir), test_images), rel=1e-6)
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, usage.Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_inside_signals_held_stops_the_tool_when_the_block_ends(signum, raised):
+    """Work that a C++ library may call back into Python (Triton's first import) must not see
+    the stop's exception: the signal is kept, and raised as the block ends."""
+    finished = []
+    with pytest.raises(raised), usage.stops_raise():
+        with usage.signals_held():
+            with usage.signals_held():  # nested: only the outermost block's end raises
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):  # Python runs the handler between these bytecodes
+                    time.sleep(0)
+                finished.append("inner")
+            finished.append("outer")
+    assert finished == ["inner", "outer"]
+    with usage.stops_raise():  # nothing is left pending for the next block
+        with usage.signals_held():
+            pass
 
 
 def test_sigterm_at_any_moment_before_training_ends_with_one_line_and_leaves_no_lock(mnist_dir, tmp_path):

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..extension import build_dir
+from ..usage import signals_held
 
 
 def values_held(model_class: type, config) -> tuple[int, int]:
@@ -28,7 +29,7 @@ def values_held(model_class: type, config) -> tuple[int, int]:
         if isinstance(output, torch.Tensor):
             outputs[0] += output.numel()
 
-    with torch.device("meta"):
+    with signals_held(), torch.device("meta"):  # the first meta-device work imports Triton
         model = model_class(config)
         hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
         codes = config.categorical_inputs
@@ -116,7 +117,7 @@ def _remember(path: Path, known: dict) -> None:
 
 def _count_forward_peak(model_class: type, config, dtype: torch.dtype) -> int:
     peaks = []
-    with torch.device("meta"), torch.no_grad():
+    with signals_held(), torch.device("meta"), torch.no_grad():  # the first meta-device work imports Triton
         model = model_class(config).to(dtype).eval()
         for batch in (1, 2):
             codes = config.categorical_inputs
