@@ -408,7 +408,7 @@ def test_sigterm_stops_sample_with_one_line_and_no_output(checkpoint, tmp_path):
                                 "--naive", "--out", str(tmp_path / "grid.png")], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while "sampling" not in (line := process.stderr.readline()) and time.monotonic() < deadline:
+    while "sampling" not in process.stderr.readline() and time.monotonic() < deadline:
         pass  # until the draw has begun
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
