@@ -81,7 +81,7 @@ def test_bundled_class_conditional_model_names_the_class_of_real_test_images(nam
 def test_bundled_class_conditional_sampler_draws_the_classes_asked_for(name, tmp_path):
     """Read by a reader independent of the model, the nearest neighbour among the real training
     images (96% right on the first 1,000 MNIST test digits), the sampler's default grid cycles
-    through the classes and `--label 7` draws sevens (`mnist-cond`, seed 0: 88% and 90%; a
+    through the classes and `--label 7` draws sevens (`mnist-cond`, seed 0: 90% and 88%; a
     model that ignored its labels would score about 10%)."""
     data_set = re.search(r"data set: `(\w+)`", card_section(name)).group(1)
     if not SHARED_DATA.is_dir():
