@@ -700,7 +700,7 @@ def run_epoch(trainer: Trainer, net, batches: torch.Tensor, data, args, procs: P
             loss.backward()
             finite = torch.stack([torch.isfinite(loss)] + [p.grad.isfinite().all() for p in trainer.model.parameters()
                                                            if p.grad is not None]).all()
-            # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim].
+            # One vote per process, summed over processes: [non-finite?, stop asked?, train bits/dim, label_ce].
             votes = torch.stack([(~finite).double(), torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device),
                                  bits_per_dim_of(plain.detach().mean(), config).double(),
                                  label_ce.detach().double() if scored else torch.zeros((), dtype=torch.float64, device=device)])
