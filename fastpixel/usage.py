@@ -191,9 +191,9 @@ def signals_held():
         yield
     finally:
         _held[0] -= 1
-        arrived, _held[1] = (_held[1], None) if not _held[0] else (None, _held[1])
-        if arrived is not None:
-            _raise_stop(arrived, None)
+        if not _held[0] and _held[1] is not None:
+            signum, _held[1] = _held[1], None
+            _raise_stop(signum, None)
 
 
 def _stopped_while_importing(signum, frame) -> None:
