@@ -13,10 +13,15 @@
 // the convolutions ask for fused multiply-adds themselves (std::fma) and take e^x from the
 // vectorisable functions below (a few ulps), which only changes their rounding, well
 // within the cache's tolerances.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -35,6 +40,34 @@ struct Op {
 };
 
 int64_t position(const Op& op, int slot) { return *op.ptr<const int32_t>(slot); }
+
+// Each kind's slot of its batch size (the number of images; an advance has none).
+constexpr int BATCH_SLOT[] = {17, 7, 5, -1, 2, 6, 26, 8, 2, 2};
+
+// The images a thread works on. A call with enough images is one parallel region (see
+// run): each thread runs every op of it on its own contiguous slice of the batch, so the
+// threads meet only where the position advances. Outside it, the slice is the whole batch.
+struct Share {
+    int thread = 0, threads = 1;
+    // This thread's images of the op's batch: the first, and how many.
+    std::pair<int64_t, int64_t> of(const Op& op) const {
+        const int64_t batch = op.a[BATCH_SLOT[op.kind]], b0 = batch * thread / threads;
+        return {b0, batch * (thread + 1) / threads - b0};
+    }
+};
+
+// p + b0 * stride, for an operand that may be absent (nullptr).
+template <class P> P* from_image(P* p, int64_t stride, int64_t b0) { return p == nullptr ? p : p + b0 * stride; }
+
+// Whether a single op may share its work among threads: it is big enough, and no
+// parallel region (a call's shared batch) has the threads already.
+bool worth_threads(bool big) {
+#ifdef _OPENMP
+    return big && !omp_in_parallel();
+#else
+    return big;
+#endif
+}
 
 // e^x and e^x - 1 without libm calls, so that the loops over channels that use them
 // vectorise: x = k ln2 + r (Cody-Waite: r exact), |r| <= ln2 / 2, e^r - 1 by its Taylor
@@ -202,7 +235,7 @@ template <class T> void gemm(const Windows<T>& v, const T* w, int64_t ldw, int64
     const int64_t wanted = (8 + column_blocks - 1) / column_blocks;
     const int64_t row_block = TILE_ROWS * (((m + wanted - 1) / wanted + TILE_ROWS - 1) / TILE_ROWS);
     const int64_t row_blocks = (m + row_block - 1) / row_block;
-#pragma omp parallel for collapse(2) schedule(static) if (m * k * n >= PARALLEL_WORK || k * n >= PARALLEL_WEIGHTS)
+#pragma omp parallel for collapse(2) schedule(static) if (worth_threads(m * k * n >= PARALLEL_WORK || k * n >= PARALLEL_WEIGHTS))
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
         for (int64_t cb = 0; cb < column_blocks; ++cb) {
             const int64_t i0 = cb * column_block, m0 = rb * row_block;
@@ -231,23 +264,25 @@ template <class T> void epilogue(const T* row, const T* x, int64_t n, T* out) {
     }
 }
 
-// kernels/column_conv.py: one output column of a shifted convolution for the whole batch.
-template <class T> void column_conv(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+// kernels/column_conv.py: one output column of a shifted convolution for the thread's images.
+template <class T> void column_conv(const Op& op, const Share& share, std::vector<T>& acc, std::vector<T>& scratch) {
     const int64_t* a = op.a;
-    T* cache = op.ptr<T>(1);
+    const auto [b0, batch] = share.of(op);
     const int64_t scb = a[2], scc = a[3];
+    T* cache = from_image(op.ptr<T>(1), scb, b0);
     const T* weight = op.ptr<const T>(4);
-    const T* term = op.ptr<const T>(5);
     const int64_t stb = a[6], stc = a[7];
-    const T* x = op.ptr<const T>(8);
+    const T* term = from_image(op.ptr<const T>(5), stb, b0);
     const int64_t sxb = a[9];
-    const T* skip = op.ptr<const T>(10);
+    const T* x = from_image(op.ptr<const T>(8), sxb, b0);
     const int64_t ssb = a[11];
+    const T* skip = from_image(op.ptr<const T>(10), ssb, b0);
     const T* skip_w = op.ptr<const T>(12);
-    const T* res = op.ptr<const T>(13);
     const int64_t srb = a[14];
-    T* out = op.ptr<T>(15);
-    const int64_t sob = a[16], batch = a[17], n = a[18], cin = a[19], x_raw = a[20], s_raw = a[21],
+    const T* res = from_image(op.ptr<const T>(13), srb, b0);
+    const int64_t sob = a[16];
+    T* out = from_image(op.ptr<T>(15), sob, b0);
+    const int64_t n = a[18], cin = a[19], x_raw = a[20], s_raw = a[21],
                   width = a[22], col_shift = a[23];
     const int64_t kw = a[24], stride = a[25], level = a[26], has_x = a[27], store = a[28], nlk = a[29],
                   has_skip = a[30], skip_nl = a[31], gate = a[32];
@@ -294,11 +329,12 @@ int64_t column_at(int64_t p, int64_t width, const int64_t* f) {  // level, scale
     return f[1] * ((p % width) >> f[0]) + f[2] + (((p / width) >> f[0]) & f[3]) * f[4];
 }
 
-template <class T> void column_copy(const Op& op) {
+template <class T> void column_copy(const Op& op, const Share& share) {
     const int64_t* a = op.a;
-    const T* src = op.ptr<const T>(1);
-    T* dst = op.ptr<T>(4);
-    const int64_t ssb = a[2], ssc = a[3], sdb = a[5], sdc = a[6], batch = a[7], count = a[8], width = a[9];
+    const int64_t ssb = a[2], ssc = a[3], sdb = a[5], sdc = a[6], count = a[8], width = a[9];
+    const auto [b0, batch] = share.of(op);
+    const T* src = from_image(op.ptr<const T>(1), ssb, b0);
+    T* dst = from_image(op.ptr<T>(4), sdb, b0);
     const int64_t p = position(op, 0);
     const int64_t s = column_at(p, width, a + 10), d = column_at(p, width, a + 15);
     for (int64_t b = 0; b < batch; ++b) {
@@ -323,15 +359,16 @@ template <class T> T snap(T y) {
     return z / T(127.5) - T(1);
 }
 
-template <class T> void sample_pixel(const Op& op) {
+template <class T> void sample_pixel(const Op& op, const Share& share) {
     const int64_t* a = op.a;
-    const T* params = op.ptr<const T>(0);
-    const double* noise = op.ptr<const double>(1);
-    T* out = op.ptr<T>(3);
-    T* image = op.ptr<T>(4);
-    const int64_t batch = a[5], k = a[6], pixels = a[7], channels = a[8], has_image = a[9];
+    const int64_t k = a[6], pixels = a[7], channels = a[8], has_image = a[9];
+    const auto [b0, batch] = share.of(op);
     const int64_t p = position(op, 2);
     const int64_t num_params = k * (1 + 2 * channels + (channels == 3 ? 3 : 0));
+    const T* params = from_image(op.ptr<const T>(0), num_params, b0);
+    const double* noise = from_image(op.ptr<const double>(1), (k + channels) * pixels, b0);
+    T* out = from_image(op.ptr<T>(3), channels, b0);
+    T* image = from_image(op.ptr<T>(4), channels * pixels, b0);
     for (int64_t b = 0; b < batch; ++b) {
         const T* prm = params + b * num_params;
         const double* u = noise + b * (k + channels) * pixels + p;
@@ -371,9 +408,10 @@ template <class T> void sample_pixel(const Op& op) {
 // caches' rows, writes of a fresh row, and row convolutions.
 
 // _ConvCache.new_row: every row moves up one, the newest becomes zeros. rows (B, kh, row).
-template <class T> void row_shift(const Op& op) {
-    T* rows = op.ptr<T>(0);
-    const int64_t sb = op.a[1], batch = op.a[2], kh = op.a[3], row = op.a[4];
+template <class T> void row_shift(const Op& op, const Share& share) {
+    const int64_t sb = op.a[1], kh = op.a[3], row = op.a[4];
+    const auto [b0, batch] = share.of(op);
+    T* rows = from_image(op.ptr<T>(0), sb, b0);
     for (int64_t b = 0; b < batch; ++b) {
         T* r = rows + b * sb;
         if (kh > 1) std::memmove(r, r + row, (kh - 1) * row * sizeof(T));
@@ -382,11 +420,12 @@ template <class T> void row_shift(const Op& op) {
 }
 
 // _ConvCache.write of a whole row: dst[b, j] = nl(x[b, j]) for the row's columns.
-template <class T> void row_write(const Op& op) {
+template <class T> void row_write(const Op& op, const Share& share) {
     const int64_t* a = op.a;
-    const T* x = op.ptr<const T>(0);
-    T* dst = op.ptr<T>(3);
-    const int64_t sxb = a[1], sxj = a[2], sdb = a[4], sdj = a[5], batch = a[6], width = a[7], raw = a[8], nl = a[9];
+    const int64_t sxb = a[1], sxj = a[2], sdb = a[4], sdj = a[5], width = a[7], raw = a[8], nl = a[9];
+    const auto [b0, batch] = share.of(op);
+    const T* x = from_image(op.ptr<const T>(0), sxb, b0);
+    T* dst = from_image(op.ptr<T>(3), sdb, b0);
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t j = 0; j < width; ++j) fresh(x + b * sxb + j * sxj, raw, nl, dst + b * sdb + j * sdj);
 }
@@ -396,21 +435,22 @@ template <class T> void row_write(const Op& op) {
 // src[b, row, stride * j + t] @ w[row, t] (columns at or past src_cols read as zeros),
 // + nl(skip[b, j]) @ skip_w; then the gate x + a * sigmoid(b) with x = res[b, j], and
 // out += that with `accumulate`. Columns of all images make the rows of one product.
-template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+template <class T> void row_conv(const Op& op, const Share& share, std::vector<T>& acc, std::vector<T>& scratch) {
     const int64_t* a = op.a;
-    const T* src = op.ptr<const T>(0);
     const int64_t ssb = a[1], ssr = a[2], ssj = a[3], nrows = a[4], cin = a[5], kw = a[6], stride = a[7],
                   src_cols = a[8];
+    const auto [b0, batch] = share.of(op);
+    const T* src = from_image(op.ptr<const T>(0), ssb, b0);
     const T* weight = op.ptr<const T>(9);
-    const T* bias = op.ptr<const T>(10);
     const int64_t sbb = a[11];
-    const T* skip = op.ptr<const T>(12);
+    const T* bias = from_image(op.ptr<const T>(10), sbb, b0);
     const int64_t skb = a[13], skj = a[14], s_raw = a[15], skip_nl = a[16];
+    const T* skip = from_image(op.ptr<const T>(12), skb, b0);
     const T* skip_w = op.ptr<const T>(17);
-    const T* res = op.ptr<const T>(18);
     const int64_t srb = a[19], srj = a[20], gate = a[21];
-    T* out = op.ptr<T>(22);
-    const int64_t sob = a[23], soj = a[24], accumulate = a[25], batch = a[26], width = a[27], n = a[28];
+    const T* res = from_image(op.ptr<const T>(18), srb, b0);
+    const int64_t sob = a[23], soj = a[24], accumulate = a[25], width = a[27], n = a[28];
+    T* out = from_image(op.ptr<T>(22), sob, b0);
 
     const int64_t m = batch * width, n_out = gate ? 2 * n : n, k = nrows * kw * cin, pieces = nrows * kw;
     const int64_t s_channels = skip_w ? (skip_nl == CONCAT_ELU ? 2 * s_raw : s_raw) : 0;
@@ -422,7 +462,7 @@ template <class T> void row_conv(const Op& op, std::vector<T>& acc, std::vector<
     if (static_cast<int64_t>(zeros.size()) < cin) zeros.resize(cin);
     const T** run = runs.data();  // the threads below see other thread_local vectors: these are this one's
     const T* zero = zeros.data();
-    [[maybe_unused]] const bool parallel = m * (k > n_out ? k : n_out) >= PARALLEL_ELEMENTS;  // unread without OpenMP
+    [[maybe_unused]] const bool parallel = worth_threads(m * (k > n_out ? k : n_out) >= PARALLEL_ELEMENTS);  // unread without OpenMP
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t at = 0; at < m; ++at) {
         const int64_t b = at / width, j = at % width;
@@ -459,16 +499,17 @@ template <class T> void affine(const T* x, int64_t in, const T* w, const T* bias
         for (int64_t i = 0; i < outs; ++i) y[i] = std::fma(x[c], w[c * outs + i], y[i]);
 }
 
-template <class T> void nonlocal_block(const Op& op, std::vector<T>& scratch) {
+template <class T> void nonlocal_block(const Op& op, const Share& share, std::vector<T>& scratch) {
     const int64_t* a = op.a;
-    const int64_t width = a[1], level = a[2], row_columns = a[3], sxb = a[5], sob = a[7], batch = a[8],
-                  channels = a[9], inner = a[10], positions = a[21];
+    const int64_t width = a[1], level = a[2], row_columns = a[3], sxb = a[5], sob = a[7], channels = a[9],
+                  inner = a[10], positions = a[21];
+    const auto [b0, batch] = share.of(op);
     const int64_t p = position(op, 0);
     const int64_t at = ((p / width) >> level) * row_columns + ((p % width) >> level);
-    const T* x = op.ptr<const T>(4);
-    T* out = op.ptr<T>(6);
-    T* keys = op.ptr<T>(19);
-    T* values = op.ptr<T>(20);
+    const T* x = from_image(op.ptr<const T>(4), sxb, b0);
+    T* out = from_image(op.ptr<T>(6), sob, b0);
+    T* keys = from_image(op.ptr<T>(19), positions * inner, b0);
+    T* values = from_image(op.ptr<T>(20), positions * inner, b0);
     const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(inner)));
     scratch.resize(2 * inner + positions);
     T* query = scratch.data();
@@ -510,9 +551,10 @@ template <class T> void nonlocal_block(const Op& op, std::vector<T>& scratch) {
 template <class T> struct Runs {
     T* ptr;
     int64_t batch_stride, column_stride, count, gap, length;
-    Runs(const Op& op, int slot)
-        : ptr(op.ptr<T>(slot)), batch_stride(op.a[slot + 1]), column_stride(op.a[slot + 2]), count(op.a[slot + 3]),
-          gap(op.a[slot + 4]), length(op.a[slot + 5]) {}
+    // Image b0's first: b0 is where a thread's slice of the batch begins.
+    Runs(const Op& op, int slot, int64_t b0)
+        : ptr(from_image(op.ptr<T>(slot), op.a[slot + 1], b0)), batch_stride(op.a[slot + 1]),
+          column_stride(op.a[slot + 2]), count(op.a[slot + 3]), gap(op.a[slot + 4]), length(op.a[slot + 5]) {}
     T* at(int64_t b, int64_t j) const { return ptr + b * batch_stride + j * column_stride; }
     bool contiguous() const { return count == 1 || gap == length; }
     // The values of image b into dst (count * length of them), through ReLU when asked.
@@ -538,16 +580,17 @@ enum Epilogue : int64_t { EPILOGUE_NONE = 0, EPILOGUE_RELU = 1, EPILOGUE_GATE = 
 // values, through ReLU with relu_a) and init (N values) are Runs, w (K, N) and bias (N)
 // plain; the gate's N values are halves (x, y) giving N / 2 outputs tanh(x) * sigmoid(y),
 // from fast_expm1 and fast_exp like the other gates.
-template <class T> void product(const Op& op, std::vector<T>& acc, std::vector<T>& scratch) {
+template <class T> void product(const Op& op, const Share& share, std::vector<T>& acc, std::vector<T>& scratch) {
     const int64_t* a = op.a;
-    const int64_t width = a[1], batch = a[2];
-    const Runs<T> v(op, 3), init(op, 12);
+    const int64_t width = a[1];
+    const auto [b0, batch] = share.of(op);
+    const Runs<T> v(op, 3, b0), init(op, 12, b0);
     const bool relu_a = a[9];
     const T* w = op.ptr<const T>(10);
     const int64_t n = a[11];
     const T* bias = op.ptr<const T>(18);
     const int64_t epilogue = a[19];
-    const Runs<T> out(op, 20);
+    const Runs<T> out(op, 20, b0);
     const int64_t j = position(op, 0) % width, k = v.count * v.length;
 
     acc.resize(batch * n);
@@ -587,17 +630,18 @@ template <class T> void product(const Op& op, std::vector<T>& acc, std::vector<T
 // PyTorch's to rounding, as a cached sampler's logits do. Then the level (int64) and its row of
 // the input features table (N, F) go to their buffers at the position's column; the
 // uniform is at noise + b * noise_stride + position (one colour's plane of the image).
-template <class T> void categorical_draw(const Op& op, std::vector<double>& probabilities) {
+template <class T> void categorical_draw(const Op& op, const Share& share, std::vector<double>& probabilities) {
     const int64_t* a = op.a;
-    const int64_t p = position(op, 0), width = a[1], batch = a[2];
-    const T* logits = op.ptr<const T>(3);
+    const int64_t p = position(op, 0), width = a[1];
+    const auto [b0, batch] = share.of(op);
     const int64_t logits_stride = a[4], n = a[5];
-    const double* noise = op.ptr<const double>(6);
+    const T* logits = from_image(op.ptr<const T>(3), logits_stride, b0);
     const int64_t noise_stride = a[7];
+    const double* noise = from_image(op.ptr<const double>(6), noise_stride, b0);
     const T* table = op.ptr<const T>(8);
-    const Runs<T> features(op, 9);
-    int64_t* level = op.ptr<int64_t>(15);
+    const Runs<T> features(op, 9, b0);
     const int64_t level_stride = a[16], level_column = a[17];
+    int64_t* level = from_image(op.ptr<int64_t>(15), level_stride, b0);
     const int64_t j = p % width;
     probabilities.resize(n);
     double* e = probabilities.data();
@@ -617,24 +661,51 @@ template <class T> void categorical_draw(const Op& op, std::vector<double>& prob
     }
 }
 
-template <class T> void run(const Op* ops, int64_t count) {
+// The ops in order, on this thread's share of the images.
+template <class T> void run_share(const Op* ops, int64_t count, const Share& share) {
     thread_local std::vector<T> acc, scratch;  // grown once, reused by every later step
     thread_local std::vector<double> probabilities;
     for (int64_t i = 0; i < count; ++i) {
         const Op& op = ops[i];
         switch (op.kind) {
-            case COLUMN_CONV: column_conv<T>(op, acc, scratch); break;
-            case COLUMN_COPY: column_copy<T>(op); break;
-            case SAMPLE_PIXEL: sample_pixel<T>(op); break;
-            case ADVANCE: *op.ptr<int32_t>(0) += 1; break;
-            case ROW_SHIFT: row_shift<T>(op); break;
-            case ROW_WRITE: row_write<T>(op); break;
-            case ROW_CONV: row_conv<T>(op, acc, scratch); break;
-            case NONLOCAL: nonlocal_block<T>(op, scratch); break;
-            case PRODUCT: product<T>(op, acc, scratch); break;
-            case CATEGORICAL_DRAW: categorical_draw<T>(op, probabilities); break;
+            case COLUMN_CONV: column_conv<T>(op, share, acc, scratch); break;
+            case COLUMN_COPY: column_copy<T>(op, share); break;
+            case SAMPLE_PIXEL: sample_pixel<T>(op, share); break;
+            case ADVANCE: {  // every thread is past the ops that read the position before it moves
+#pragma omp barrier
+#pragma omp single
+                *op.ptr<int32_t>(0) += 1;
+                break;
+            }
+            case ROW_SHIFT: row_shift<T>(op, share); break;
+            case ROW_WRITE: row_write<T>(op, share); break;
+            case ROW_CONV: row_conv<T>(op, share, acc, scratch); break;
+            case NONLOCAL: nonlocal_block<T>(op, share, scratch); break;
+            case PRODUCT: product<T>(op, share, acc, scratch); break;
+            case CATEGORICAL_DRAW: categorical_draw<T>(op, share, probabilities); break;
         }
     }
+}
+
+// With at least SHARED_IMAGES images per thread, the threads share a call's images (each
+// thread's slice through every op, no barrier between ops); with fewer, each op shares its
+// own work when it is big enough (gemm, row_conv). Images are independent in every op, and
+// each output is summed in one order by one thread either way: the same results.
+constexpr int64_t SHARED_IMAGES = 2;
+
+template <class T> void run(const Op* ops, int64_t count) {
+    int64_t batch = 0;
+    for (int64_t i = 0; i < count; ++i)
+        if (BATCH_SLOT[ops[i].kind] >= 0) batch = std::max(batch, ops[i].a[BATCH_SLOT[ops[i].kind]]);
+#ifdef _OPENMP
+    const int64_t threads = std::min<int64_t>(omp_get_max_threads(), batch / SHARED_IMAGES);
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        run_share<T>(ops, count, Share{omp_get_thread_num(), omp_get_num_threads()});
+        return;
+    }
+#endif
+    run_share<T>(ops, count, Share{});
 }
 
 }  // namespace

@@ -2,6 +2,7 @@ import gzip
 import math
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,18 @@ from fastpixel.sampling import image_noise
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextmanager
+def torch_threads(count: int):
+    """torch's (and so the C++ engine's) thread count set to `count` for a while, whatever
+    the machine's cores: the engine's shared batches run with two threads on one core too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_model(dtype=torch.float64, **overrides) -> fastpixel.PixelCNNpp:

@@ -14,7 +14,7 @@ import fastpixel
 from fastpixel.backend import choose
 from fastpixel.sampling.engines.cext import engine_call
 from fastpixel.kernels.ops import Column, ColumnConv, ColumnCopy, SamplePixel
-from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model
+from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model, torch_threads
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("no C++ compiler to build the engine with", allow_module_level=True)
@@ -134,6 +134,20 @@ def test_cext_steps_match_torch_steps_and_a_forward_pass_float64(options):
     labels = None if model.config.num_classes is None else torch.arange(3) % model.config.num_classes
     with torch.no_grad():  # causal: a pixel's parameters depend only on the final values before it
         assert (model(x_cext, labels) - params_cext).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("options", OPTIONS[:2])
+def test_a_batch_shared_among_threads_gives_one_threads_bits(options):
+    """Five images on two threads: each thread runs every op of a row or a pixel on its own
+    images (csrc/step.cpp `run`), 2 and 3 of them; on one thread, one runs all five."""
+    model = tiny_model(**{"image_size": (8, 8), **options})
+    with torch_threads(1):
+        x_one, params_one = cached_run(model, 5, 4, "cext")
+    with torch_threads(2):
+        x_two, params_two = cached_run(model, 5, 4, "cext")
+    x_torch, params_torch = cached_run(model, 5, 4, "torch")
+    assert torch.equal(x_two, x_one) and torch.equal(params_two, params_one)
+    assert torch.equal(x_two, x_torch) and (params_two - params_torch).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("options", OPTIONS[:2])

@@ -14,6 +14,7 @@ from fastpixel.io.checkpoint import CheckpointError
 from fastpixel.models.masked.family import MaskedConv2d, groups
 from fastpixel.sampling import image_noise
 from fastpixel.sampling.engines import CACHES, cached_rows
+from tests.conftest import torch_threads
 
 FAMILIES = {"pixelcnn": (fastpixel.PixelCNNConfig, fastpixel.PixelCNN),
             "gated": (fastpixel.GatedConfig, fastpixel.GatedPixelCNN)}
@@ -241,6 +242,20 @@ def test_cached_steps_equal_a_forward_pass_and_images_equal_naive_float64(family
     assert torch.equal(fast, naive)
     drawn = x[:, 0] if model.config.categorical_inputs else fastpixel.sampling.to_uint8(x)
     assert torch.equal(fast, drawn)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("option", ["rgb-4-labels", "codes-300-labels"])
+def test_cext_shares_a_batch_among_threads_with_one_threads_images(family, option):
+    """Five images on two threads: each thread runs a pixel's products and draws on its own
+    images (csrc/step.cpp `run`); the logits still equal a forward pass's, the images one thread's."""
+    model = tiny(family, **OPTIONS[option])
+    with torch_threads(1):
+        x_one, _ = run_cached(model, 5, 6, "cext")
+    with torch_threads(2):
+        x_two, difference = run_cached(model, 5, 6, "cext")
+    assert difference <= 1e-10 and torch.equal(x_two, x_one)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
