@@ -27,10 +27,13 @@ def _masked_model():
     return fastpixel.GatedPixelCNN(config).eval()
 
 
-@pytest.mark.parametrize("family, backend", [("pixelcnnpp", "cext"), ("pixelcnnpp", "torch"), ("gated", "cext")])
-def test_busy_cores_take_fewer_threads_and_change_no_image(monkeypatch, family, backend):
-    """Wide enough layers that the products run in parallel: the same images with one
-    thread (every core looks busy) as with two (all idle), and torch's count restored."""
+@pytest.mark.parametrize("family, backend, batch", [("pixelcnnpp", "cext", 3), ("pixelcnnpp", "cext", 8),
+                                                   ("pixelcnnpp", "torch", 8), ("gated", "cext", 3), ("gated", "cext", 8)])
+def test_busy_cores_take_fewer_threads_and_change_no_image(monkeypatch, family, backend, batch):
+    """Wide enough layers that the products run in parallel (3 images: the C++ engine shares
+    each product among two threads; 8: each thread takes 4 images through every op): the
+    same images with one thread (every core looks busy) as with two (all idle), and torch's
+    count restored."""
     model = tiny_model(dtype=torch.float32, nr_filters=64) if family == "pixelcnnpp" else _masked_model()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -42,7 +45,7 @@ def test_busy_cores_take_fewer_threads_and_change_no_image(monkeypatch, family, 
         for idle in (0, 2):
             monkeypatch.setattr(cores, "idle_cores", lambda idle=idle: idle)
             chosen.clear()
-            images[idle] = fastpixel.sample(model, 8, seed=3, backend=backend)
+            images[idle] = fastpixel.sample(model, batch, seed=3, backend=backend)
             assert set(chosen[:-1]) == {max(1, idle)} and chosen[-1] == 2  # every row, then restored
             assert torch.get_num_threads() == 2
         assert torch.equal(images[0], images[2])
