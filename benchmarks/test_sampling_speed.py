@@ -113,4 +113,4 @@ def test_naive_estimated(benchmark, models, name, batch):
 @pytest.mark.parametrize("name, batch", sorted(MEASURE_NAIVE))
 def test_naive_measured(benchmark, models, name, batch):
     describe(benchmark, name, batch, "naive (measured)")
-    benchmark.pedantic(fastpixel.sample, args=(models[name], batch), kwargs=dict(seed=0), rounds=1, iterations=1)
+    benchmark.pedantic(fastpixel.sample, args=(models[name], batch), kwargs=dict(fast=False, seed=0), rounds=1, iterations=1)

@@ -14,7 +14,7 @@ this module says which engine can run on which device and dtype, and picks one.
   (`fastpixel/extension.py`). The default on the CPU, where it measured faster than `torch`
   for every model and batch timed (benchmarks/results/cpu_cext.md). Where it cannot be
   built, the automatic choice warns once and takes `torch`. It also runs the masked
-  families' pixels (`EnginePixels` in `fastpixel/sampling/engines/cext.py`; benchmarks/results/cpu_masked.md), which
+  families' pixels (`EnginePixels` in `fastpixel/sampling/engines/cext.py`; benchmarks/results/cpu_cext.md), which
   have no Triton kernels: `fastpixel.sampling.resolve_backend` refuses `triton` for them.
 
 Training has two of them. The mixture loss (`mixture.nll`, `mixture.focal_nll`), chosen by
