@@ -688,28 +688,38 @@ template <class T> void run_share(const Op* ops, int64_t count, const Share& sha
     }
 }
 
-// The bytes of filters a pixel's products read: with its images shared, every thread reads
-// all of them, once per tile of rows (a row's products have the row's columns as rows too).
-template <class T> int64_t pixel_weight_bytes(const Op& op) {
+// An op's filter elements (its products' k x n; 0 for ops without), and the rows each
+// product has: a pixel's, one per image; a row's, one per image and output column.
+int64_t filter_elements(const Op& op) {
     const int64_t* a = op.a;
     if (op.kind == COLUMN_CONV) {  // window x outputs (doubled by the gate), and the skip's
         const int64_t n = a[18], skip = a[30] ? (a[31] == CONCAT_ELU ? 2 * a[21] : a[21]) * n : 0;
-        return (a[24] * a[19] * (a[32] ? 2 * n : n) + skip) * sizeof(T);
+        return a[24] * a[19] * (a[32] ? 2 * n : n) + skip;
     }
-    return op.kind == PRODUCT ? a[6] * a[8] * a[11] * sizeof(T) : 0;  // runs x length x outputs
+    if (op.kind == ROW_CONV) {  // kernel rows x columns x channels x outputs, and the skip's
+        const int64_t n = a[28], skip = a[17] ? (a[16] == CONCAT_ELU ? 2 * a[15] : a[15]) * n : 0;
+        return a[4] * a[6] * a[5] * (a[21] ? 2 * n : n) + skip;
+    }
+    return op.kind == PRODUCT ? a[6] * a[8] * a[11] : 0;  // runs x length x outputs
 }
 
-// With at least SHARED_IMAGES images per thread, the threads share a call's images (each
-// thread's slice through every op, no barrier between ops), unless a pixel's filters are
-// several times a core's cache and the slices small: then every thread streams all of them
-// from memory, where sharing each product's columns (gemm) halves what each one reads.
-// Measured, CIFAR's 5/160 model at batch 16 (42 MB of filters at most a pixel): its pixels
-// took 3.29 s with products shared against 3.94 s with images shared in the x86-64-v3 build,
-// but 1.91 s against 1.57 s in the AVX-512 one; the MNIST-size model (4 MB at most) gained
-// from shared images in both. With fewer images, each op shares its own work when it is big
-// enough (gemm, row_conv). Images are independent in every op, and each output is summed
-// in one order by one thread either way: the same results.
-constexpr int64_t SHARED_IMAGES = 2, SHARED_STREAMING = 4 * TILE_ROWS, CACHES_OF_FILTERS = 4;
+int64_t product_rows(const Op& op) { return op.a[BATCH_SLOT[op.kind]] * (op.kind == ROW_CONV ? op.a[27] : 1); }
+
+// The threads share a call's images (each thread's slice through every op, no barrier
+// between ops) when each has at least SHARED_IMAGES of them and the call at least
+// SHARED_WORK multiply-adds: a small call gains less than the threads' meeting costs, and
+// on a busy core (the test suite beside other work) a thread that has lost its core makes
+// every call wait for a time slice. Nor when a pixel's filters are several times a core's
+// cache and the slices small: every thread would stream all of them from memory, where
+// sharing each product's columns (gemm) halves what each one reads. Measured, CIFAR's
+// 5/160 model at batch 16 (42 MB of filters at most a pixel): its pixels took 3.29 s with
+// products shared against 3.94 s with images shared in the x86-64-v3 build, but 1.91 s
+// against 1.57 s in the AVX-512 one; the MNIST-size model (4 MB at most) gained from shared
+// images in both. Otherwise each op shares its own work when it is big enough (gemm,
+// row_conv). Images are independent in every op, and each output is summed in one order by
+// one thread either way: the same results.
+constexpr int64_t SHARED_IMAGES = 2, SHARED_WORK = PARALLEL_WORK, SHARED_STREAMING = 4 * TILE_ROWS,
+                  CACHES_OF_FILTERS = 4;
 
 int64_t core_cache_bytes() {
 #ifdef _SC_LEVEL2_CACHE_SIZE
@@ -721,14 +731,18 @@ int64_t core_cache_bytes() {
 }
 
 template <class T> void run(const Op* ops, int64_t count) {
-    int64_t batch = 0, weights = 0;
+    int64_t batch = 0, work = 0, pixel_filters = 0;
     for (int64_t i = 0; i < count; ++i) {
-        if (BATCH_SLOT[ops[i].kind] >= 0) batch = std::max(batch, ops[i].a[BATCH_SLOT[ops[i].kind]]);
-        weights += pixel_weight_bytes<T>(ops[i]);
+        const Op& op = ops[i];
+        if (BATCH_SLOT[op.kind] < 0) continue;
+        batch = std::max(batch, op.a[BATCH_SLOT[op.kind]]);
+        work += product_rows(op) * filter_elements(op);
+        if (op.kind != ROW_CONV) pixel_filters += filter_elements(op);
     }
 #ifdef _OPENMP
     const int64_t threads = std::min<int64_t>(omp_get_max_threads(), batch / SHARED_IMAGES);
-    if (threads > 1 && (weights <= CACHES_OF_FILTERS * core_cache_bytes() || batch / threads >= SHARED_STREAMING)) {
+    const bool streaming = pixel_filters * static_cast<int64_t>(sizeof(T)) > CACHES_OF_FILTERS * core_cache_bytes();
+    if (threads > 1 && work >= SHARED_WORK && (!streaming || batch / threads >= SHARED_STREAMING)) {
 #pragma omp parallel num_threads(threads)
         run_share<T>(ops, count, Share{omp_get_thread_num(), omp_get_num_threads()});
         return;

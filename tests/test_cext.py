@@ -138,14 +138,15 @@ def test_cext_steps_match_torch_steps_and_a_forward_pass_float64(options):
 
 @pytest.mark.parametrize("options", OPTIONS[:2])
 def test_a_batch_shared_among_threads_gives_one_threads_bits(options):
-    """Five images on two threads: each thread runs every op of a row or a pixel on its own
-    images (csrc/step.cpp `run`), 2 and 3 of them; on one thread, one runs all five."""
-    model = tiny_model(**{"image_size": (8, 8), **options})
+    """Nine images on two threads, wide enough layers that every call is shared: each thread
+    runs every op of a row or a pixel on its own images (csrc/step.cpp `run`), 4 and 5 of
+    them; on one thread, one runs all nine."""
+    model = tiny_model(**{"image_size": (8, 8), **options, "nr_filters": 64})
     with torch_threads(1):
-        x_one, params_one = cached_run(model, 5, 4, "cext")
+        x_one, params_one = cached_run(model, 9, 4, "cext")
     with torch_threads(2):
-        x_two, params_two = cached_run(model, 5, 4, "cext")
-    x_torch, params_torch = cached_run(model, 5, 4, "torch")
+        x_two, params_two = cached_run(model, 9, 4, "cext")
+    x_torch, params_torch = cached_run(model, 9, 4, "torch")
     assert torch.equal(x_two, x_one) and torch.equal(params_two, params_one)
     assert torch.equal(x_two, x_torch) and (params_two - params_torch).abs().max() <= 1e-10
 

@@ -31,9 +31,9 @@ def _masked_model():
                                                    ("pixelcnnpp", "torch", 8), ("gated", "cext", 3), ("gated", "cext", 8)])
 def test_busy_cores_take_fewer_threads_and_change_no_image(monkeypatch, family, backend, batch):
     """Wide enough layers that the products run in parallel (3 images: the C++ engine shares
-    each product among two threads; 8: each thread takes 4 images through every op): the
-    same images with one thread (every core looks busy) as with two (all idle), and torch's
-    count restored."""
+    each product among two threads; 8, PixelCNN++: each thread takes 4 images through every
+    op): the same images with one thread (every core looks busy) as with two (all idle), and
+    torch's count restored."""
     model = tiny_model(dtype=torch.float32, nr_filters=64) if family == "pixelcnnpp" else _masked_model()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(2)
