@@ -709,9 +709,9 @@ int64_t product_rows(const Op& op) { return op.a[BATCH_SLOT[op.kind]] * (op.kind
 // between ops) when each has at least SHARED_IMAGES of them and the call at least
 // SHARED_WORK multiply-adds: a small call gains less than the threads' meeting costs, and
 // beside other programs a thread that has lost its core makes every call wait for a time
-// slice. Nor when a pixel's filters are several times a core's
-// cache and the slices small: every thread would stream all of them from memory, where
-// sharing each product's columns (gemm) halves what each one reads. Measured, CIFAR's
+// slice. Nor when a pixel's filters are several times a core's cache and the slices small:
+// every thread would stream all of them from memory, where sharing each product's columns
+// (gemm) halves what each one reads. Measured, CIFAR's
 // 5/160 model at batch 16 (42 MB of filters at most a pixel): its pixels took 3.29 s with
 // products shared against 3.94 s with images shared in the x86-64-v3 build, but 1.91 s
 // against 1.57 s in the AVX-512 one; the MNIST-size model (4 MB at most) gained from shared
