@@ -57,15 +57,16 @@ def median_microseconds(run, seconds: float = 0.2) -> float:
 
 def engine_product(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor):
     """out = a @ w as the engine's PRODUCT op: m images of one position, each a run of k values."""
-    from fastpixel.sampling.engines.cext import _PRODUCT, OpList, load_engine, pack_op
+    from fastpixel.sampling.engines.cext import _PRODUCT, OpList, engine_filter, load_engine, pack_op, panel_columns
     run, slots = load_engine(a.dtype)
     (m, k), n = a.shape, w.shape[1]
-    position = torch.zeros(1, dtype=torch.int32)
+    panel = panel_columns(a.dtype)
+    position, filter_ = torch.zeros(1, dtype=torch.int32), engine_filter(w, panel)
     runs_a = [a, k, 0, 1, k, k]  # address, image stride, column stride, runs, gap, run length
     no_init = [None, 0, 0, 0, 0, 0]
     runs_out = [out, n, 0, 1, n, n]
-    op = pack_op(_PRODUCT, [position, 1, m, *runs_a, False, w, n, *no_init, None, 0, *runs_out], slots)
-    return OpList(run, [op], [a, w, out, position])
+    op = pack_op(_PRODUCT, [position, 1, m, *runs_a, False, filter_, n, *no_init, None, 0, *runs_out, panel], slots)
+    return OpList(run, [op], [a, filter_, out, position])
 
 
 def time_build() -> list[dict]:

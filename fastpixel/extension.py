@@ -170,7 +170,8 @@ def _build() -> ctypes.CDLL | BuildError:
     for name in ("fp_run_float32", "fp_run_float64"):
         getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
         getattr(library, name).restype = None
-    library.fp_op_slots.restype = library.fp_openmp.restype = ctypes.c_int
+    library.fp_op_slots.restype = library.fp_openmp.restype = library.fp_panel_columns.restype = ctypes.c_int
+    library.fp_panel_columns.argtypes = [ctypes.c_int]
     return library
 
 

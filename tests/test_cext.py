@@ -12,7 +12,7 @@ import torch
 
 import fastpixel
 from fastpixel.backend import choose
-from fastpixel.sampling.engines.cext import engine_call
+from fastpixel.sampling.engines.cext import _PRODUCT, OpList, engine_call, engine_filter, load_engine, pack_op
 from fastpixel.kernels.ops import Column, ColumnConv, ColumnCopy, SamplePixel
 from tests.conftest import assert_differences_lie_on_bin_edges, cached_run, tiny_model, torch_threads
 
@@ -27,6 +27,26 @@ with_references = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 def in_engine(launch) -> None:
     dtype = next(a.dtype for a in launch.args if isinstance(a, torch.Tensor) and a.is_floating_point())
     engine_call([launch], dtype)()
+
+
+# --------------------------------------------------------------------------- products
+@pytest.mark.parametrize("panel", [1, 3, 16, 24, 100, 300])
+@pytest.mark.parametrize("m", [1, 7, 30])
+def test_a_product_reads_its_filter_in_panels_of_any_width(panel, m):
+    """The engine lays filters out in panels of its tiles' width, and reads whatever width an
+    op says: a call recorded on another machine (tests/test_cext_builds.py's ARM64 replay)
+    brings that machine's. One row (a pixel at batch 1), a few (a batch's pixel) and many
+    (a row), each shared among threads (k x n past the engine's threshold)."""
+    torch.manual_seed(0)
+    k, n = 60, 300
+    a, w = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    out, position, filter_ = torch.empty(m, n, dtype=torch.float64), torch.zeros(1, dtype=torch.int32), engine_filter(w, panel)
+    run, slots = load_engine(torch.float64)
+    runs_a, no_init, runs_out = [a, k, 0, 1, k, k], [None, 0, 0, 0, 0, 0], [out, n, 0, 1, n, n]
+    op = pack_op(_PRODUCT, [position, 1, m, *runs_a, False, filter_, n, *no_init, None, 0, *runs_out, panel], slots)
+    with torch_threads(2):
+        OpList(run, [op], [a, filter_, out, position])()
+    torch.testing.assert_close(out, a @ w, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- pixel ops

@@ -56,6 +56,20 @@ def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     return op
 
 
+def panel_columns(dtype: torch.dtype) -> int:
+    """The width of the panels this build's tiles read filters in (csrc/step.cpp `Filter`)."""
+    return extension.load().fp_panel_columns(torch.empty(0, dtype=dtype).element_size())
+
+
+def engine_filter(weight: torch.Tensor, panel: int) -> torch.Tensor:
+    """A (k, n) filter as the engine's tiles read it: panels of `panel` columns, one after
+    another, each k x panel contiguous (the last one narrower)."""
+    k, n = weight.shape
+    whole = n - n % panel  # the columns of whole panels
+    panels = weight[:, :whole].reshape(k, whole // panel, panel).transpose(0, 1).reshape(-1)
+    return torch.cat([panels, weight[:, whole:].reshape(-1)]) if whole < n else panels
+
+
 def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
     """A step plan's launch as an op. Tensors made here for the engine go into `keep`."""
     if isinstance(launch, Advance):
@@ -70,7 +84,14 @@ def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> n
                                *(t for layer in layers for t in layer), block.keys, block.values, block.keys.shape[1]],
                    slots)
     kind, names = _CONSTEXPRS[type(launch)]
-    return pack_op(kind, [*launch.args, *(int(launch.constexprs[name]) for name in names)], slots)
+    args = [*launch.args, *(int(launch.constexprs[name]) for name in names)]
+    if isinstance(launch, ColumnConv):  # its filter, and the skip's, laid out for the tiles
+        panel = panel_columns(launch.args[4].dtype)
+        for i in (4, 12) if launch.constexprs["HAS_SKIP"] else (4,):
+            args[i] = engine_filter(args[i], panel)
+            keep.append(args[i])
+        args.append(panel)
+    return pack_op(kind, args, slots)
 
 
 class OpList:
@@ -108,7 +129,11 @@ class _RowOps:
         self.net, self.left_term = net, left_term
         self.nl = NONLINEARITIES.index(net.config.resnet_nonlinearity)
         self.run, self.slots = load_engine(left_term.dtype)
+        self.panel = panel_columns(left_term.dtype)
         self.keep: list[torch.Tensor] = []  # what the engine reads and no one else holds
+        # each weight laid out once for all the row lists, kept beside its source so that no
+        # other tensor takes the source's address while the key names it
+        self.filters: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         batch, width, nf = left_term.shape
         widths = [width >> level for level in range(LEVELS)]
         new = left_term.new_zeros
@@ -171,6 +196,12 @@ class _RowOps:
         self.keep.append(t)
         return t
 
+    def _filter(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight.shape, weight.stride())
+        if key not in self.filters:
+            self.filters[key] = weight, engine_filter(weight, self.panel)
+        return self.filters[key][1]
+
     def _shift(self, cache: ConvCache) -> np.ndarray:
         rows = cache.rows
         return pack_op(_ROW_SHIFT, [rows, rows.stride(0), rows.shape[0], rows.shape[1], rows.stride(1)], self.slots)
@@ -189,13 +220,13 @@ class _RowOps:
         if src.stride(3) != 1 or weight.stride(1) != 1 or out.stride(2) != 1:
             raise ValueError("the engine's row convolutions read and write contiguous channels")
         bias = self._kept(bias.expand(batch, -1))  # per image or broadcast (stride 0), channels contiguous
-        x, skip_weight = (None, None) if skip is None else (skip[0], self._kept(skip[1].weight.t().contiguous()))
+        x, skip_weight = (None, None) if skip is None else (skip[0], self._filter(skip[1].weight.t()))
         return pack_op(_ROW_CONV, [
             src, src.stride(0), src.stride(1), src.stride(2), src.shape[1], src.shape[3], kw, stride, src.shape[2],
-            self._kept(weight.contiguous()), bias, bias.stride(0),
+            self._filter(weight), bias, bias.stride(0),
             x, *((x.stride(0), x.stride(1), x.shape[2]) if x is not None else (0, 0, 0)), self.nl, skip_weight,
             residual, *((residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)), residual is not None,
-            out, out.stride(0), out.stride(1), accumulate, batch, width, n], self.slots)
+            out, out.stride(0), out.stride(1), accumulate, batch, width, n, self.panel], self.slots)
 
     def _conv(self, cache: ConvCache, out: torch.Tensor, *, older: bool = False, skip=None, residual=None,
               accumulate: bool = False) -> np.ndarray:
@@ -326,26 +357,28 @@ class EnginePixels(MaskedPixels):
         self._position = self.position.numpy()  # the same memory: set without a PyTorch operator
         self.noise = noise.to(torch.float64).contiguous()
         batch = len(self.noise)
-        head = [self.position, self.width, batch]
+        head, panel, filters = [self.position, self.width, batch], panel_columns(dtype), []
         ops = []  # per colour: its products, then its draw
         for c, plan in enumerate(sampler.plan):
             levels = sampler.levels[:, c]
-            ops.append([pack_op(_PRODUCT, head + self._product(p), slots) for p in plan] + [pack_op(_DRAW, head + [
+            ops.append([pack_op(_PRODUCT, head + self._product(p, panel, filters), slots) for p in plan] + [pack_op(_DRAW, head + [
                 sampler.logits[:, c], sampler.logits.stride(0), sampler.logits.shape[2],
                 self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
                 levels.data_ptr(), levels.stride(0), levels.stride(1)], slots)])
-        self.call = OpList(run, [op for colour in ops for op in colour], [self.noise, sampler])
+        self.call = OpList(run, [op for colour in ops for op in colour], [self.noise, sampler, filters])
         # known pixels: a colour at a time, with its draw (some images known) or without (all)
-        self.colour_calls = [OpList(run, colour, [self.noise, sampler]) for colour in ops]
-        self.colour_products = [OpList(run, colour[:-1], [sampler]) for colour in ops]
+        self.colour_calls = [OpList(run, colour, [self.noise, sampler, filters]) for colour in ops]
+        self.colour_products = [OpList(run, colour[:-1], [sampler, filters]) for colour in ops]
 
     @staticmethod
-    def _product(p: Product) -> list:
+    def _product(p: Product, panel: int, filters: list) -> list:
+        """A product's slots, its weight laid out for the tiles (kept in `filters`)."""
         k = p.a.view.shape[1] * p.a.view.shape[2]
-        if not p.weight.is_contiguous() or p.weight.shape[0] != k:
-            raise ValueError(f"a product's weight must be a contiguous ({k}, N) matrix, got {tuple(p.weight.shape)}")
-        return [*_runs(p.a), p.relu_a, p.weight, p.weight.shape[1], *_runs(p.init), p.bias,
-                EPILOGUES.index(p.epilogue), *_runs(p.out)]
+        if p.weight.shape[0] != k:
+            raise ValueError(f"a product's weight must be a ({k}, N) matrix, got {tuple(p.weight.shape)}")
+        filters.append(engine_filter(p.weight, panel))
+        return [*_runs(p.a), p.relu_a, filters[-1], p.weight.shape[1], *_runs(p.init), p.bias,
+                EPILOGUES.index(p.epilogue), *_runs(p.out), panel]
 
     def decide(self, i: int, j: int, decide) -> None:
         self._position[0] = i * self.width + j
