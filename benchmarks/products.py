@@ -60,7 +60,7 @@ def engine_product(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor):
     from fastpixel.sampling.engines.cext import _PRODUCT, OpList, engine_filter, load_engine, pack_op, panel_columns
     run, slots = load_engine(a.dtype)
     (m, k), n = a.shape, w.shape[1]
-    panel = panel_columns(a.dtype)
+    panel = panel_columns(a.dtype, pixel=True)
     position, filter_ = torch.zeros(1, dtype=torch.int32), engine_filter(w, panel)
     runs_a = [a, k, 0, 1, k, k]  # address, image stride, column stride, runs, gap, run length
     no_init = [None, 0, 0, 0, 0, 0]

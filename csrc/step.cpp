@@ -131,26 +131,47 @@ template <class T> void fresh(const T* x, int64_t raw, int64_t kind, T* out) {
     }
 }
 
-// The micro-kernel's tile of outputs, held in registers, per instruction set: TILE_ROWS
-// rows by TILE_REGISTERS vector registers of REGISTER bytes. The accumulators leave a
-// register for each of the tile's weight vectors and one for the broadcast input; more
-// spill to the stack on every multiply-add (AVX-512's tile of 24 registers of 64 bytes is
-// 48 of AVX2's 16 registers of 32 bytes).
+// The micro-kernel's tile of outputs, held in registers: ROWS rows by REGISTERS vector
+// registers of REGISTER bytes (the instruction set's). The accumulators leave a register
+// for each of the tile's weight vectors and one for the broadcast input; more spill to the
+// stack on every multiply-add (AVX-512's tile of 24 registers of 64 bytes is 48 of AVX2's
+// 16 registers of 32 bytes).
 #if defined(__AVX512F__)
-constexpr int REGISTER = 64, TILE_ROWS = 6, TILE_REGISTERS = 4;  // 24 accumulators of 32 registers
+constexpr int REGISTER = 64;  // 32 registers
 #elif defined(__AVX__)
-constexpr int REGISTER = 32, TILE_ROWS = 6, TILE_REGISTERS = 2;  // 12 of 16
+constexpr int REGISTER = 32;  // 16 registers
 #elif defined(__ARM_NEON)
-constexpr int REGISTER = 16, TILE_ROWS = 6, TILE_REGISTERS = 4;  // 24 of 32
+constexpr int REGISTER = 16;  // 32 registers
 #else
-constexpr int REGISTER = 16, TILE_ROWS = 6, TILE_REGISTERS = 2;  // SSE2's 16 registers, or a guess
+constexpr int REGISTER = 16;  // SSE2's 16 registers, or a guess
 #endif
-template <class T> constexpr int TILE_COLUMNS = TILE_REGISTERS * REGISTER / sizeof(T);
+template <int ROWS_, int REGISTERS_> struct Tile {
+    static constexpr int ROWS = ROWS_, REGISTERS = REGISTERS_;
+    template <class T> static constexpr int COLUMNS = REGISTERS * REGISTER / sizeof(T);
+};
+
+// Per instruction set, a tile for a row's products (many rows) and one for a pixel's (a
+// row per image). AVX-512's pixel tile is taller and narrower; one thread, 24 filters in
+// turn, GFLOP/s with 6 x 4 registers against 12 x 2, each on panels of its own width: 8 x
+// 640 @ 640 x 320 80 against 107, 16 x 640 @ 640 x 320 120 against 138, 8 x 256 @ 256 x
+// 128 132 against 173. A row's 224 x 768 @ 768 x 128 gave 180 against 191 there, but 14 x 2
+// tiles for both made whole samplings' rows 3 to 5% slower. With AVX2, 12 x 1 and 4 x 3
+// lost to 6 x 2 everywhere.
+#if defined(__AVX512F__)
+using RowTile = Tile<6, 4>;     // 24 accumulators
+using PixelTile = Tile<12, 2>;  // 24
+#elif defined(__ARM_NEON)
+using RowTile = Tile<6, 4>;  // 24 of 32
+using PixelTile = RowTile;
+#else
+using RowTile = Tile<6, 2>;  // 12 of 16
+using PixelTile = RowTile;
+#endif
 
 // A filter (k, n) as the tiles read it, laid out once by fastpixel/sampling/engines/cext.py
-// (`engine_filter`): panels of `panel` columns (the build's TILE_COLUMNS, fp_panel_columns;
-// each op says its filters' width), each k x panel contiguous, the last one narrower, so
-// that a tile streams its weights in order. Row-major, a tile
+// (`engine_filter`): panels of `panel` columns (the width of the build's row or pixel tile,
+// fp_panel_columns; each op says its filters' width), each k x panel contiguous, the last
+// one narrower, so that a tile streams its weights in order. Row-major, a tile
 // read a cache line every n values: the hardware prefetches that less well, and a
 // power-of-two n maps the lines to a few cache sets. Measured on the project's Xeon, one
 // thread, microseconds before and after, native and x86-64-v3: a pixel's product at batch 1
@@ -210,7 +231,7 @@ __attribute__((noinline)) TILE_TARGET void tile(const Windows<T>& v, const T* w,
 
 // Columns [i0, i0 + cols) of one panel, rows [m0, m0 + ROWS): tiles of COLS columns while
 // they fit, then of half as many, down to single columns.
-template <class T, int ROWS, int COLS = TILE_COLUMNS<T>>
+template <class T, int ROWS, int COLS>
 void panel_columns(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda, int64_t m0, int64_t i0,
                    int64_t cols) {
     const int64_t end = i0 + cols, ldw = w.stride(i0);
@@ -219,32 +240,32 @@ void panel_columns(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda,
 }
 
 // Columns [i0, i0 + cols), panel by panel, so that no tile crosses a panel's edge.
-template <class T, int ROWS>
+template <class T, class S, int ROWS>
 void tile_columns(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda, int64_t m0, int64_t i0,
                   int64_t cols) {
     for (const int64_t end = i0 + cols; i0 < end;) {
         const int64_t next = std::min(end, w.start(i0) + w.panel);
-        panel_columns<T, ROWS>(v, w, acc, lda, m0, i0, next - i0);
+        panel_columns<T, ROWS, S::template COLUMNS<T>>(v, w, acc, lda, m0, i0, next - i0);
         i0 = next;
     }
 }
 
-// The last `rows` (fewer than TILE_ROWS) rows from m0, together.
-template <class T, int ROWS = TILE_ROWS - 1>
+// The last `rows` (fewer than a tile's) rows from m0, together.
+template <class T, class S, int ROWS = S::ROWS - 1>
 void last_rows(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda, int64_t m0, int64_t rows, int64_t i0,
                int64_t cols) {
     if constexpr (ROWS > 0) {
-        if (rows == ROWS) return tile_columns<T, ROWS>(v, w, acc, lda, m0, i0, cols);
-        last_rows<T, ROWS - 1>(v, w, acc, lda, m0, rows, i0, cols);
+        if (rows == ROWS) return tile_columns<T, S, ROWS>(v, w, acc, lda, m0, i0, cols);
+        last_rows<T, S, ROWS - 1>(v, w, acc, lda, m0, rows, i0, cols);
     }
 }
 
-// Rows [m0, end): TILE_ROWS at a time, the last few together.
-template <class T>
+// Rows [m0, end): a tile's rows at a time, the last few together.
+template <class T, class S>
 void tile_rows(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda, int64_t m0, int64_t end, int64_t i0,
                int64_t cols) {
-    for (; m0 + TILE_ROWS <= end; m0 += TILE_ROWS) tile_columns<T, TILE_ROWS>(v, w, acc, lda, m0, i0, cols);
-    last_rows(v, w, acc, lda, m0, end - m0, i0, cols);
+    for (; m0 + S::ROWS <= end; m0 += S::ROWS) tile_columns<T, S, S::ROWS>(v, w, acc, lda, m0, i0, cols);
+    last_rows<T, S>(v, w, acc, lda, m0, end - m0, i0, cols);
 }
 
 // A product is shared among OpenMP threads (PyTorch's own pool: the library links the
@@ -254,41 +275,48 @@ void tile_rows(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda, int
 // than it saves, and on a busy machine a descheduled thread stalls the others at its end.
 constexpr int64_t PARALLEL_WORK = 1 << 20, PARALLEL_WEIGHTS = 1 << 14;
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // a row's gathers and epilogue: copies, a few operations each
-constexpr int64_t FEW_ROWS = 4 * TILE_ROWS;       // a product with no more rows is shared by its columns first
+constexpr int64_t FEW_TILES = 4;  // a product with no more tiles of rows is shared by its columns first
 
 // acc (m, lda)[:, :n] += v (m, pieces * length) @ w (pieces * length, n), w laid out as a
-// Filter. The threads share tasks of a block of rows by a block of whole panels, at least
+// Filter, in tiles of shape S. The threads share tasks of a block of rows by a block of whole panels, at least
 // 8 of them when the rows allow. A few rows (a pixel's, one per image): every task takes
-// one tile of rows by a panel (half a panel from a single tile of rows), panel after
+// one tile of rows by a panel (half a panel, at least 32 floats, from a single tile of
+// rows), panel after
 // panel, so that each thread streams about its share of the weights and the threads'
 // tasks differ by one at most. Taking the whole batch's rows and splitting only the
 // columns in blocks of 64, CIFAR's pixels at batch 16 (16 rows, 320 columns) gave one
 // thread three times the other's work.
-template <class T> void gemm(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda) {
+template <class T, class S> void gemm_tiles(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda) {
     const int64_t m = v.m, k = v.pieces * v.length, n = w.n;
     [[maybe_unused]] const bool parallel = worth_threads(m * k * n >= PARALLEL_WORK || k * n >= PARALLEL_WEIGHTS);
-    if (m <= FEW_ROWS) {
-        const int64_t width = m <= TILE_ROWS ? std::max<int64_t>(w.panel / 2, 128 / sizeof(T)) : w.panel;
-        const int64_t row_tiles = (m + TILE_ROWS - 1) / TILE_ROWS, tasks = row_tiles * ((n + width - 1) / width);
+    if (m <= FEW_TILES * S::ROWS) {
+        const int64_t width = m <= S::ROWS ? std::max<int64_t>(w.panel / 2, 128 / sizeof(T)) : w.panel;
+        const int64_t row_tiles = (m + S::ROWS - 1) / S::ROWS, tasks = row_tiles * ((n + width - 1) / width);
 #pragma omp parallel for schedule(static) if (parallel)
         for (int64_t task = 0; task < tasks; ++task) {
-            const int64_t i0 = task / row_tiles * width, m0 = task % row_tiles * TILE_ROWS;
-            tile_rows(v, w, acc, lda, m0, std::min(m, m0 + TILE_ROWS), i0, std::min(width, n - i0));
+            const int64_t i0 = task / row_tiles * width, m0 = task % row_tiles * S::ROWS;
+            tile_rows<T, S>(v, w, acc, lda, m0, std::min(m, m0 + S::ROWS), i0, std::min(width, n - i0));
         }
         return;
     }
     const int64_t column_block = w.panel * ((256 / static_cast<int64_t>(sizeof(T)) + w.panel - 1) / w.panel);
     const int64_t column_blocks = (n + column_block - 1) / column_block;
     const int64_t wanted = (8 + column_blocks - 1) / column_blocks;
-    const int64_t row_block = TILE_ROWS * (((m + wanted - 1) / wanted + TILE_ROWS - 1) / TILE_ROWS);
+    const int64_t row_block = S::ROWS * (((m + wanted - 1) / wanted + S::ROWS - 1) / S::ROWS);
     const int64_t row_blocks = (m + row_block - 1) / row_block;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
     for (int64_t rb = 0; rb < row_blocks; ++rb) {
         for (int64_t cb = 0; cb < column_blocks; ++cb) {
             const int64_t i0 = cb * column_block, m0 = rb * row_block;
-            tile_rows(v, w, acc, lda, m0, std::min(m, m0 + row_block), i0, std::min(column_block, n - i0));
+            tile_rows<T, S>(v, w, acc, lda, m0, std::min(m, m0 + row_block), i0, std::min(column_block, n - i0));
         }
     }
+}
+
+// The same in the tiles whose width the filter's panels have (the row tile's otherwise).
+template <class T> void gemm(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda) {
+    if (w.panel == PixelTile::COLUMNS<T>) return gemm_tiles<T, PixelTile>(v, w, acc, lda);
+    gemm_tiles<T, RowTile>(v, w, acc, lda);
 }
 
 // The same, v a matrix (m, ldv)[:, :w.k].
@@ -758,7 +786,7 @@ int64_t product_rows(const Op& op) { return op.a[BATCH_SLOT[op.kind]] * (op.kind
 // fewer than 8 images: every thread would stream all of them from memory, where sharing
 // each product's columns (gemm) halves what each one reads. Measured on CIFAR's 5/160
 // model (14 to 42 MB of filters a pixel), seconds of its pixels, products shared against
-// images shared: batch 4, 0.80 against 0.91 (x86-64-v3 build: 0.79 against 0.97); batch 8,
+// images shared (AVX-512 pixels in 6 x 4 tiles then): batch 4, 0.80 against 0.91 (x86-64-v3 build: 0.79 against 0.97); batch 8,
 // 1.04 against 1.17 (1.14 against 1.12); batch 16, 1.48 against 1.35 (1.80 against 1.71).
 // The MNIST-size model (4 MB at most) gains from shared images at every batch. Otherwise
 // each op shares its own work when it is big enough (gemm, row_conv). Images are
@@ -801,8 +829,12 @@ template <class T> void run(const Op* ops, int64_t count) {
 
 extern "C" {
 int fp_op_slots() { return SLOTS; }
-// The width of a filter's panels (Filter) for float32 (element_bytes 4) or float64 (8).
-int fp_panel_columns(int element_bytes) { return element_bytes == 8 ? TILE_COLUMNS<double> : TILE_COLUMNS<float>; }
+// The width of the panels (Filter) of a row's filters, or with `pixel` of a pixel's, for
+// float32 (element_bytes 4) or float64 (8).
+int fp_panel_columns(int element_bytes, int pixel) {
+    if (pixel) return element_bytes == 8 ? PixelTile::COLUMNS<double> : PixelTile::COLUMNS<float>;
+    return element_bytes == 8 ? RowTile::COLUMNS<double> : RowTile::COLUMNS<float>;
+}
 // Built with OpenMP (-fopenmp): large products share PyTorch's threads; without (a compiler
 // that has none, built with -fopenmp-simd), the engine runs on one thread.
 int fp_openmp() {

@@ -171,7 +171,7 @@ def _build() -> ctypes.CDLL | BuildError:
         getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
         getattr(library, name).restype = None
     library.fp_op_slots.restype = library.fp_openmp.restype = library.fp_panel_columns.restype = ctypes.c_int
-    library.fp_panel_columns.argtypes = [ctypes.c_int]
+    library.fp_panel_columns.argtypes = [ctypes.c_int, ctypes.c_int]
     return library
 
 

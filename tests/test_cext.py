@@ -30,7 +30,7 @@ def in_engine(launch) -> None:
 
 
 # --------------------------------------------------------------------------- products
-@pytest.mark.parametrize("panel", [1, 3, 16, 24, 100, 300])
+@pytest.mark.parametrize("panel", [1, 3, 16, 24, 32, 64, 100, 300])
 @pytest.mark.parametrize("m", [1, 7, 30])
 def test_a_product_reads_its_filter_in_panels_of_any_width(panel, m):
     """The engine lays filters out in panels of its tiles' width, and reads whatever width an

@@ -56,9 +56,10 @@ def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     return op
 
 
-def panel_columns(dtype: torch.dtype) -> int:
-    """The width of the panels this build's tiles read filters in (csrc/step.cpp `Filter`)."""
-    return extension.load().fp_panel_columns(torch.empty(0, dtype=dtype).element_size())
+def panel_columns(dtype: torch.dtype, pixel: bool) -> int:
+    """The width of the panels this build's tiles read a pixel's filters in, or a row's
+    (csrc/step.cpp `Filter`; each has its own tile)."""
+    return extension.load().fp_panel_columns(torch.empty(0, dtype=dtype).element_size(), pixel)
 
 
 def engine_filter(weight: torch.Tensor, panel: int) -> torch.Tensor:
@@ -86,7 +87,7 @@ def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> n
     kind, names = _CONSTEXPRS[type(launch)]
     args = [*launch.args, *(int(launch.constexprs[name]) for name in names)]
     if isinstance(launch, ColumnConv):  # its filter, and the skip's, laid out for the tiles
-        panel = panel_columns(launch.args[4].dtype)
+        panel = panel_columns(launch.args[4].dtype, pixel=True)
         for i in (4, 12) if launch.constexprs["HAS_SKIP"] else (4,):
             args[i] = engine_filter(args[i], panel)
             keep.append(args[i])
@@ -129,7 +130,7 @@ class _RowOps:
         self.net, self.left_term = net, left_term
         self.nl = NONLINEARITIES.index(net.config.resnet_nonlinearity)
         self.run, self.slots = load_engine(left_term.dtype)
-        self.panel = panel_columns(left_term.dtype)
+        self.panel = panel_columns(left_term.dtype, pixel=False)
         self.keep: list[torch.Tensor] = []  # what the engine reads and no one else holds
         # each weight laid out once for all the row lists, kept beside its source so that no
         # other tensor takes the source's address while the key names it
@@ -357,7 +358,7 @@ class EnginePixels(MaskedPixels):
         self._position = self.position.numpy()  # the same memory: set without a PyTorch operator
         self.noise = noise.to(torch.float64).contiguous()
         batch = len(self.noise)
-        head, panel, filters = [self.position, self.width, batch], panel_columns(dtype), []
+        head, panel, filters = [self.position, self.width, batch], panel_columns(dtype, pixel=True), []
         ops = []  # per colour: its products, then its draw
         for c, plan in enumerate(sampler.plan):
             levels = sampler.levels[:, c]
