@@ -35,6 +35,11 @@ from pathlib import Path
 # csrc/ of the source tree (an editable install), else the copy installed as fastpixel/csrc
 _TREE = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [(_TREE if _TREE.is_dir() else Path(__file__).resolve().parent / "csrc") / "step.cpp"]
+# The sources as this process found them at import. A library built later from sources
+# changed since (a checkout updated under a running training) would read the ops this
+# process's Python packs in another layout: one such training died of a division by zero
+# at its first sample grid. So the process builds, and names its library after, these.
+_SOURCE_TEXT = {source: source.read_bytes() for source in SOURCES if source.is_file()}
 # -ffp-contract=off: the mixture draw must round each operation as PyTorch does (see csrc/step.cpp);
 # -fno-trapping-math: without AVX-512's masks, GCC vectorises `x > 0 ? x : e^x - 1` only so
 # (the same values; no program here reads the floating-point exception flags)
@@ -107,7 +112,7 @@ def _check_cpu_runs(compiler: str, arch: str) -> None:
 
 
 def _library_path(compiler: str, arch: str) -> Path:
-    missing = [str(source) for source in SOURCES if not source.is_file()]
+    missing = [str(source) for source in SOURCES if source not in _SOURCE_TEXT]
     if missing:
         raise BuildError(f"the C++ engine's sources are missing from this installation: {', '.join(missing)}")
     try:
@@ -116,7 +121,7 @@ def _library_path(compiler: str, arch: str) -> Path:
         raise BuildError(f"the C++ compiler {compiler!r} does not run: {err}") from err
     # not OpenMP: whether the compiler has it is decided by building, and follows from its version
     key = hashlib.sha256()
-    for part in [*(source.read_bytes() for source in SOURCES), version.encode(), " ".join(FLAGS).encode(),
+    for part in [*_SOURCE_TEXT.values(), version.encode(), " ".join(FLAGS).encode(),
                  arch.encode(), (_cpu() if arch == "native" else "").encode()]:
         key.update(part)
         key.update(b"\0")
@@ -138,7 +143,10 @@ def _compile(compiler: str, target: Path, arch: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [compiler, *FLAGS, f"-march={arch}", "-o", temporary, *map(str, SOURCES)]
+    tree = Path(tempfile.mkdtemp(prefix="fastpixel_csrc_"))
+    for source, text in _SOURCE_TEXT.items():
+        (tree / source.name).write_bytes(text)
+    command = [compiler, *FLAGS, f"-march={arch}", "-o", temporary, *(str(tree / source.name) for source in SOURCES)]
     try:
         try:
             _run_compiler([*command, OPENMP])
@@ -150,6 +158,7 @@ def _compile(compiler: str, target: Path, arch: str) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)

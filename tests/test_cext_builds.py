@@ -54,6 +54,18 @@ def test_engine_builds_once_into_the_build_directory(fresh_build, capfd):
     assert capfd.readouterr().err == ""
 
 
+def test_sources_changed_after_import_do_not_reach_this_processs_engine(fresh_build, monkeypatch, tmp_path_factory):
+    """A checkout updated under a running process (a training that samples at each epoch's
+    end): the engine it builds is the one its Python, imported before, packs ops for."""
+    imported, source = extension._SOURCE_TEXT[extension.SOURCES[0]], tmp_path_factory.mktemp("csrc") / "step.cpp"
+    source.write_text("#error the source changed after import\n")
+    monkeypatch.setattr(extension, "SOURCES", [source])
+    monkeypatch.setattr(extension, "_SOURCE_TEXT", {source: imported})
+    model = tiny_model(dtype=torch.float64, image_size=(4, 4))
+    images = fastpixel.sample(model, 2, seed=0, backend="cext")
+    assert torch.equal(images, fastpixel.sample(model, 2, seed=0, backend="torch"))
+
+
 def test_without_a_compiler_auto_falls_back_with_a_warning_and_forced_cext_fails(fresh_build, monkeypatch):
     monkeypatch.setenv("CXX", str(fresh_build / "no-such-compiler"))
     model = tiny_model(dtype=torch.float32, image_size=(4, 4))
