@@ -278,14 +278,13 @@ constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // a row's gathers and epilogue:
 constexpr int64_t FEW_TILES = 4;  // a product with no more tiles of rows is shared by its columns first
 
 // acc (m, lda)[:, :n] += v (m, pieces * length) @ w (pieces * length, n), w laid out as a
-// Filter, in tiles of shape S. The threads share tasks of a block of rows by a block of whole panels, at least
-// 8 of them when the rows allow. A few rows (a pixel's, one per image): every task takes
-// one tile of rows by a panel (half a panel, at least 32 floats, from a single tile of
-// rows), panel after
-// panel, so that each thread streams about its share of the weights and the threads'
-// tasks differ by one at most. Taking the whole batch's rows and splitting only the
-// columns in blocks of 64, CIFAR's pixels at batch 16 (16 rows, 320 columns) gave one
-// thread three times the other's work.
+// Filter, in tiles of shape S. The threads share tasks of a block of rows by a block of
+// whole panels, at least 8 of them when the rows allow. A few rows (a pixel's, one per
+// image): every task takes one tile of rows by a panel (half a panel, at least 128 bytes,
+// from a single tile of rows), panel after panel, so that each thread streams about its
+// share of the weights and the threads' tasks differ by one at most. Taking the whole
+// batch's rows and splitting only the columns in blocks of 64, CIFAR's pixels at batch 16
+// (16 rows, 320 columns) gave one thread three times the other's work.
 template <class T, class S> void gemm_tiles(const Windows<T>& v, const Filter<T>& w, T* acc, int64_t lda) {
     const int64_t m = v.m, k = v.pieces * v.length, n = w.n;
     [[maybe_unused]] const bool parallel = worth_threads(m * k * n >= PARALLEL_WORK || k * n >= PARALLEL_WEIGHTS);
