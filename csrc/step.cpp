@@ -785,8 +785,9 @@ int64_t product_rows(const Op& op) { return op.a[BATCH_SLOT[op.kind]] * (op.kind
 // fewer than 8 images: every thread would stream all of them from memory, where sharing
 // each product's columns (gemm) halves what each one reads. Measured on CIFAR's 5/160
 // model (14 to 42 MB of filters a pixel), seconds of its pixels, products shared against
-// images shared (AVX-512 pixels in 6 x 4 tiles then): batch 4, 0.80 against 0.91 (x86-64-v3 build: 0.79 against 0.97); batch 8,
-// 1.04 against 1.17 (1.14 against 1.12); batch 16, 1.48 against 1.35 (1.80 against 1.71).
+// images shared (AVX-512 pixels in 6 x 4 tiles then): batch 4, 0.80 against 0.91
+// (x86-64-v3 build: 0.79 against 0.97); batch 8, 1.04 against 1.17 (1.14 against 1.12);
+// batch 16, 1.48 against 1.35 (1.80 against 1.71).
 // The MNIST-size model (4 MB at most) gains from shared images at every batch. Otherwise
 // each op shares its own work when it is big enough (gemm, row_conv). Images are
 // independent in every op, and each output is summed in one order by one thread either

@@ -40,7 +40,8 @@ def test_a_product_reads_its_filter_in_panels_of_any_width(panel, m):
     torch.manual_seed(0)
     k, n = 60, 300
     a, w = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
-    out, position, filter_ = torch.empty(m, n, dtype=torch.float64), torch.zeros(1, dtype=torch.int32), engine_filter(w, panel)
+    out, position = torch.empty(m, n, dtype=torch.float64), torch.zeros(1, dtype=torch.int32)
+    filter_ = engine_filter(w, panel)
     run, slots = load_engine(torch.float64)
     runs_a, no_init, runs_out = [a, k, 0, 1, k, k], [None, 0, 0, 0, 0, 0], [out, n, 0, 1, n, n]
     op = pack_op(_PRODUCT, [position, 1, m, *runs_a, False, filter_, n, *no_init, None, 0, *runs_out, panel], slots)

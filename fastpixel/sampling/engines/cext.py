@@ -71,8 +71,9 @@ def engine_filter(weight: torch.Tensor, panel: int) -> torch.Tensor:
     return torch.cat([panels, weight[:, whole:].reshape(-1)]) if whole < n else panels
 
 
-def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> np.ndarray:
-    """A step plan's launch as an op. Tensors made here for the engine go into `keep`."""
+def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, panel: int, keep: list) -> np.ndarray:
+    """A step plan's launch as an op, its filters in panels of `panel` columns. Tensors made
+    here for the engine go into `keep`."""
     if isinstance(launch, Advance):
         return pack_op(_ADVANCE, [launch.position], slots)
     if isinstance(launch, GraphableNonLocal):
@@ -87,7 +88,6 @@ def _pack(launch: Op | Advance | GraphableNonLocal, slots: int, keep: list) -> n
     kind, names = _CONSTEXPRS[type(launch)]
     args = [*launch.args, *(int(launch.constexprs[name]) for name in names)]
     if isinstance(launch, ColumnConv):  # its filter, and the skip's, laid out for the tiles
-        panel = panel_columns(launch.args[4].dtype, pixel=True)
         for i in (4, 12) if launch.constexprs["HAS_SKIP"] else (4,):
             args[i] = engine_filter(args[i], panel)
             keep.append(args[i])
@@ -117,7 +117,8 @@ def engine_call(launches: list, dtype: torch.dtype) -> Callable[[], None]:
     `dtype` (float32 or float64), packed now. Raises extension.BuildError when there is no engine."""
     run, slots = load_engine(dtype)
     keep: list = []
-    return OpList(run, [_pack(launch, slots, keep) for launch in launches], keep)
+    panel = panel_columns(dtype, pixel=True)
+    return OpList(run, [_pack(launch, slots, panel, keep) for launch in launches], keep)
 
 
 class _RowOps:
@@ -362,7 +363,8 @@ class EnginePixels(MaskedPixels):
         ops = []  # per colour: its products, then its draw
         for c, plan in enumerate(sampler.plan):
             levels = sampler.levels[:, c]
-            ops.append([pack_op(_PRODUCT, head + self._product(p, panel, filters), slots) for p in plan] + [pack_op(_DRAW, head + [
+            products = [pack_op(_PRODUCT, head + self._product(p, panel, filters), slots) for p in plan]
+            ops.append(products + [pack_op(_DRAW, head + [
                 sampler.logits[:, c], sampler.logits.stride(0), sampler.logits.shape[2],
                 self.noise[:, c], self.noise.stride(0), sampler.table, *_runs(sampler.features[c]),
                 levels.data_ptr(), levels.stride(0), levels.stride(1)], slots)])
