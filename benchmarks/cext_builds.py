@@ -8,12 +8,13 @@ Writes OUT.json and OUT.md. The engine is built once per process (FASTPIXEL_CPU_
 read then), so each build's runs are timed in a process of their own, started for each
 model and batch in turn, between the forward pass's and PyTorch's timings of the same case.
 The C++ runs are timed in their parts (building the sampler, rows, pixel steps: the
-fastest of three runs by total, `profile_cached.py`'s `_engine_parts`). GFLOP/s are a
-forward pass's FLOPs (its convolutions' and matrix products', torch.utils.flop_counter, at
-batch 1, times the batch) over each method's time: the C++ engine's products add up to the
-same, within 0.2% (counted from their shapes in a build that logged them: 3.815 against
-3.811 GFLOP per image for the MNIST-size model, 48.77 against 48.74 for CIFAR's, 1.539
-against 1.537 for the bundled one).
+fastest of three runs by total), each run followed by a forward pass in the same process
+(`profile_cached.py`'s `engine_against_forward`): the ratio does not compare two processes
+on a machine whose speed drifts. GFLOP/s are a forward pass's FLOPs (its convolutions' and
+matrix products', torch.utils.flop_counter, at batch 1, times the batch) over each method's
+time: the C++ engine's products add up to the same, within 0.2% (counted from their shapes
+in a build that logged them: 3.815 against 3.811 GFLOP per image for the MNIST-size model,
+48.77 against 48.74 for CIFAR's, 1.539 against 1.537 for the bundled one).
 
 A build for a lesser instruction set is also set against PyTorch held to it: in that
 build's process, MKL and oneDNN are told to use no more than AVX2 (MKL_ENABLE_INSTRUCTIONS,
@@ -36,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastpixel
 from machine import describe_machine, machine_line
-from profile_cached import _engine_parts, _forward, benchmark_model
+from profile_cached import benchmark_model, engine_against_forward
 
 BUILDS = ("native", "x86-64-v3")
 # PyTorch's libraries held to a build's instruction set, in the build's process
@@ -77,10 +78,7 @@ def cext_parts(build: str, name: str, batch: int) -> dict:
 def _worker(name: str, batch: int) -> None:
     from fastpixel import extension
     extension.load()  # built (or found in the cache) before anything is timed
-    net = benchmark_model(name)
-    building, rows, pixels = _engine_parts(net, batch)
-    print(json.dumps(dict(building=building, rows=rows, pixels=pixels, total=building + rows + pixels,
-                          forward=_forward(net, batch), mm_gflops=mm_gflops(),
+    print(json.dumps(dict(engine_against_forward(benchmark_model(name), batch), mm_gflops=mm_gflops(),
                           library_isa=LIBRARY_ISA.get(os.environ.get("FASTPIXEL_CPU_ARCH"), "this CPU's"))))
 
 
@@ -101,9 +99,11 @@ def main(argv=None) -> None:
         net = benchmark_model(name)
         flops = forward_flops(net)
         for batch in args.batches:
-            case = dict(model=name, config=net.config.to_dict(), batch=batch, flops_per_image=flops,
-                        forward=_forward(net, batch))
+            case = dict(model=name, config=net.config.to_dict(), batch=batch, flops_per_image=flops)
             with torch.no_grad():
+                x = torch.zeros(batch, net.config.channels, *net.config.shape)
+                net(x)  # warm up
+                case["forward"] = min(_seconds(lambda: net(x)) for _ in range(3))
                 fastpixel.sample(net, batch, fast=True, seed=0, backend="torch")  # warm up
                 case["cached_torch"] = min(_seconds(lambda: fastpixel.sample(net, batch, fast=True, seed=0,
                                                                               backend="torch")) for _ in range(2))
@@ -126,10 +126,11 @@ def markdown(result: dict) -> str:
              f"{result['mm_gflops_after']:.0f}).", "",
              "## Seconds per sampling, and in forward passes of the same batch", "",
              "C++: the whole cached sampling (building the sampler, rows, pixel steps); "
-             "rows + pixels in brackets. Forward passes: the C++ time over the forward pass's; for a build with "
-             "PyTorch held to its instruction set, over a forward pass timed in that build's process (for " +
+             "rows + pixels in brackets. Forward passes: the C++ time over the fastest of the forward passes "
+             "timed in turn with it in the build's own process (in brackets); for a build with PyTorch held to "
+             "its instruction set, forward passes of PyTorch held to it (" +
              ", ".join(f"{b}: {', '.join(f'{k}={v}' for k, v in LIBRARY_ISA[b].items())}" for b in builds
-                       if b in LIBRARY_ISA) + "; its forward pass in brackets).", "",
+                       if b in LIBRARY_ISA) + "). The forward pass column: this script's own process.", "",
              "| model | batch | forward pass | cached torch | " +
              " | ".join(f"C++ {b} | {b}: forward passes | {b}: s per image" for b in builds) + " |",
              "|---|---:|---:|---:|" + "---:|---:|---:|" * len(builds)]
@@ -137,14 +138,13 @@ def markdown(result: dict) -> str:
         cells = [case["model"], str(case["batch"]), f"{case['forward']:.3f}", f"{case['cached_torch']:.3f}"]
         for build in builds:
             c = case["cext"][build]
-            forward = c["forward"] if build in LIBRARY_ISA else case["forward"]
-            held = f" ({forward:.3f})" if build in LIBRARY_ISA else ""
-            cells += [f"{c['total']:.3f} ({c['rows']:.3f} + {c['pixels']:.3f})", f"{c['total'] / forward:.2f}{held}",
+            cells += [f"{c['total']:.3f} ({c['rows']:.3f} + {c['pixels']:.3f})",
+                      f"{c['total'] / c['forward']:.2f} ({c['forward']:.3f})",
                       f"{c['total'] / case['batch']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## GFLOP/s: a forward pass's FLOPs over each method's time", "",
-              f"Next to torch.mm's {rate:.0f} GFLOP/s; for a build with PyTorch held to its instruction set, "
-              "next to torch.mm's rate there (in brackets).", "",
+              f"Next to torch.mm's rate timed in the build's own process (in brackets; {rate:.0f} GFLOP/s in this "
+              "script's), for a build with PyTorch held to its instruction set PyTorch held to it.", "",
               "| model | batch | GFLOP per image | forward pass | cached torch | " +
               " | ".join(f"C++ {b} | {b}: % of torch.mm" for b in builds) + " |",
               "|---|---:|---:|---:|---:|" + "---:|---:|" * len(builds)]
@@ -154,8 +154,8 @@ def markdown(result: dict) -> str:
                  f"{gflop / case['forward']:.0f}", f"{gflop / case['cached_torch']:.0f}"]
         for build in builds:
             c = case["cext"][build]
-            gflops, held = gflop / c["total"], c["mm_gflops"] if build in LIBRARY_ISA else rate
-            cells += [f"{gflops:.0f}", f"{100 * gflops / held:.0f}%" + (f" ({held:.0f})" if build in LIBRARY_ISA else "")]
+            gflops = gflop / c["total"]
+            cells += [f"{gflops:.0f}", f"{100 * gflops / c['mm_gflops']:.0f}% ({c['mm_gflops']:.0f})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

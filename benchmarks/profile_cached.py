@@ -40,6 +40,7 @@ KINDS = {  # operator -> kind of work
     "aten::copy_": "copies and cache writes", "aten::cat": "copies and cache writes", "aten::fill_": "copies and cache writes",
     "aten::zero_": "copies and cache writes", "aten::contiguous": "copies and cache writes",
 }
+PARTS = ("building", "rows", "pixels", "total", "forward")
 
 
 def benchmark_model(name: str) -> fastpixel.PixelCNNpp:
@@ -66,14 +67,14 @@ def main(argv=None) -> None:
     title = f"# Cached sampling profile: {args.model}-size model, {args.backend} backend"
     machine = f"Machine: {machine_line()}."
     if args.backend == "cext":
-        lines = [title, "", machine + " Seconds, the fastest of three runs.", "",
+        lines = [title, "", machine + " Seconds, the fastest of three runs, each followed by a forward pass "
+                 "(`engine_against_forward`).", "",
                  "| batch | building the sampler | rows | pixel steps | total | one forward pass | total in forward passes |",
                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for batch in args.batch:
-            parts, forward = _engine_parts(model, batch), _forward(model, batch)
-            total = sum(parts)
-            lines.append(f"| {batch} | " + " | ".join(f"{t:.3f}" for t in (*parts, total, forward)) +
-                         f" | {total / forward:.2f} |")
+            t = engine_against_forward(model, batch)
+            lines.append(f"| {batch} | " + " | ".join(f"{t[part]:.3f}" for part in PARTS) +
+                         f" | {t['total'] / t['forward']:.2f} |")
     else:
         lines = [title, "", machine] + [line for batch in args.batch for line in _operators(model, batch)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,15 +82,21 @@ def main(argv=None) -> None:
     print("\n".join(lines))
 
 
-def _engine_parts(model, batch: int, runs: int = 3) -> tuple[float, float, float]:
-    """(building, rows, pixel steps) seconds of a cached sampling run with the C++ engine,
-    driving the same objects as fastpixel.sampling.engines.cached_rows; the fastest run of `runs` by total."""
+def engine_against_forward(model, batch: int, rounds: int = 3) -> dict:
+    """A cached sampling run with the C++ engine (driving the same objects as
+    fastpixel.sampling.engines.cached_rows) and a forward pass of the same batch, timed in
+    turn `rounds` times after a warm-up round (which builds the engine): the seconds of
+    building, rows and pixel steps of the fastest sampling by total, and of the fastest
+    forward pass. In turn and in one process, because this project's VMs drift between
+    processes and over seconds: the same forward pass took 0.44 to 0.79 s in one afternoon,
+    and a ratio of two processes' timings moved by as much.
+    """
     cfg = model.config
     noise = torch.stack([sampling.image_noise(cfg, 0, i) for i in range(batch)])
     labels = None if cfg.num_classes is None else torch.arange(batch) % cfg.num_classes
-    best = None
+    samplings, forwards = [], []
     with torch.no_grad():
-        for _ in range(runs + 1):  # the first run builds the engine
+        for _ in range(rounds + 1):
             start = time.perf_counter()
             x = torch.zeros(batch, cfg.channels, *cfg.shape)
             steps = CextSteps(CachedNetwork(model, batch, labels), x, noise)
@@ -102,20 +109,13 @@ def _engine_parts(model, batch: int, runs: int = 3) -> tuple[float, float, float
                 for c in range(cfg.shape[1]):
                     steps.step(r, c)
                 pixels += time.perf_counter() - start
-            if best is None or built + rows + pixels < sum(best):
-                best = (built, rows, pixels)
-    return best
-
-
-def _forward(model, batch: int) -> float:
-    x = torch.zeros(batch, model.config.channels, *model.config.shape)
-    times = []
-    with torch.no_grad():
-        for _ in range(4):
+            samplings.append((built, rows, pixels))
             start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return min(times[1:])
+            model(torch.zeros(batch, cfg.channels, *cfg.shape))
+            forwards.append(time.perf_counter() - start)
+    samplings, forwards = samplings[1:], forwards[1:]
+    building, rows, pixels = min(samplings, key=sum)
+    return dict(building=building, rows=rows, pixels=pixels, total=building + rows + pixels, forward=min(forwards))
 
 
 def _operators(model, batch: int) -> list[str]:
