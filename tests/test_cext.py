@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,20 @@ with_references = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 def in_engine(launch) -> None:
     dtype = next(a.dtype for a in launch.args if isinstance(a, torch.Tensor) and a.is_floating_point())
     engine_call([launch], dtype)()
+
+
+# --------------------------------------------------------------------------- op descriptors
+def test_an_op_descriptor_holds_its_kind_then_each_argument_as_the_engine_reads_it():
+    """Tensors as their addresses, None as 0, ints and bools as they are; an int64 position
+    and more arguments than the engine's slots are refused before the engine sees them."""
+    t, position = torch.zeros(3), torch.zeros(1, dtype=torch.int32)
+    op = pack_op(_PRODUCT, [position, None, 7, True, False, t[1:], -2], 12)
+    assert op.dtype == np.int64 and op.tolist() == [_PRODUCT, position.data_ptr(), 0, 7, 1, 0,
+                                                    t.data_ptr() + t.element_size(), -2, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="int32"):
+        pack_op(_PRODUCT, [torch.zeros(1, dtype=torch.int64)], 12)
+    with pytest.raises(ValueError, match="more than the engine's 11"):
+        pack_op(_PRODUCT, list(range(12)), 12)
 
 
 # --------------------------------------------------------------------------- products

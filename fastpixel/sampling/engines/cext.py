@@ -45,15 +45,19 @@ _PERIOD = 1 << (LEVELS - 1)  # the coarsest level's stride
 
 def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     """One op descriptor: its kind, then its arguments (tensors as addresses, None as 0)."""
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dtype == torch.int64:
-            raise ValueError("the C++ engine reads the position as int32")
     if len(values) >= slots:
         raise ValueError(f"an op has {len(values)} arguments, more than the engine's {slots - 1}")
-    op = np.zeros(slots, dtype=np.int64)
-    op[0] = kind
-    op[1:1 + len(values)] = [0 if v is None else v.data_ptr() if isinstance(v, torch.Tensor) else int(v) for v in values]
-    return op
+    slots_ = [kind] + [0] * (slots - 1)
+    for i, v in enumerate(values, 1):  # one pass, plain ints first: a sampler packs hundreds of ops
+        if type(v) is int:
+            slots_[i] = v
+        elif isinstance(v, torch.Tensor):
+            if v.dtype == torch.int64:
+                raise ValueError("the C++ engine reads the position as int32")
+            slots_[i] = v.data_ptr()
+        elif v is not None:
+            slots_[i] = int(v)
+    return np.array(slots_, dtype=np.int64)
 
 
 def panel_columns(dtype: torch.dtype, pixel: bool) -> int:
