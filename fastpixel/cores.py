@@ -1,4 +1,4 @@
-"""How many threads the CPU work of a draw takes: one per core that no other program is
+"""How many threads the C++ engine's draw takes: one per core that no other program is
 running on, chosen again before every row, never more than torch's thread count.
 
 Why: OpenMP threads meet at a barrier after every parallel product, and a thread whose core
@@ -36,12 +36,15 @@ def idle_cores() -> int | None:
     return None if busy is None else max(0, len(os.sched_getaffinity(0)) - busy)
 
 
-def on_idle_cores(rows: Iterator[int], device: torch.device) -> Iterator[int]:
+def on_idle_cores(rows: Iterator[int], device: torch.device, engine: str) -> Iterator[int]:
     """Run the generator `rows` (a row of a draw per step) with one thread per idle core (at
     least one, at most torch's count before), chosen before each row; torch's count is
-    restored after. Work on a GPU runs as it is."""
+    restored after. Only for the C++ engine (`engine` "cext"), which sums each output in one
+    order whatever the count: PyTorch's libraries need not (on the project's AMD EPYC VM, a
+    codec stream the PyTorch engine encoded with two threads did not decode with one), so
+    their draws keep torch's count, as does work on a GPU."""
     most = torch.get_num_threads()
-    if device.type != "cpu" or most == 1:
+    if device.type != "cpu" or engine != "cext" or most == 1:
         yield from rows
         return
     try:

@@ -111,7 +111,7 @@ def _coded_rows(model, size: int, labels, engine: str, code, known: torch.Tensor
                     device=param.device)
     noise = torch.zeros(size, config.noise_channels, height, width, dtype=torch.float64, device=param.device)
     y = None if labels is None else labels.to(param.device)
-    for _ in on_idle_cores(engines.cached_rows(model, x, noise, y, engine=engine, decide=decide), param.device):
+    for _ in on_idle_cores(engines.cached_rows(model, x, noise, y, engine=engine, decide=decide), param.device, engine):
         yield decided
 
 

@@ -89,7 +89,7 @@ def sample(model, n: int, fast: bool = True, seed: int | None = None,
             rows = 0
             try:
                 for rows, _ in enumerate(on_idle_cores(_rows(model, fast, name, x, noise, batch_labels, batch_known),
-                                                       param.device), 1):
+                                                       param.device, name if fast else "naive"), 1):
                     bar.update(1)
             except Exception as err:  # noqa: BLE001  (whatever a GPU path that never ran here may raise)
                 if not (name == "triton" and _automatic(backend)):
