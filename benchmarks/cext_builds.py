@@ -144,7 +144,7 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## GFLOP/s: a forward pass's FLOPs over each method's time", "",
               f"Next to torch.mm's rate timed in the build's own process (in brackets; {rate:.0f} GFLOP/s in this "
-              "script's), for a build with PyTorch held to its instruction set PyTorch held to it.", "",
+              "script's); in a build's process with PyTorch held to its instruction set, torch.mm is held too.", "",
               "| model | batch | GFLOP per image | forward pass | cached torch | " +
               " | ".join(f"C++ {b} | {b}: % of torch.mm" for b in builds) + " |",
               "|---|---:|---:|---:|---:|" + "---:|---:|" * len(builds)]

@@ -47,17 +47,17 @@ def pack_op(kind: int, values: list, slots: int) -> np.ndarray:
     """One op descriptor: its kind, then its arguments (tensors as addresses, None as 0)."""
     if len(values) >= slots:
         raise ValueError(f"an op has {len(values)} arguments, more than the engine's {slots - 1}")
-    slots_ = [kind] + [0] * (slots - 1)
+    op = [kind] + [0] * (slots - 1)
     for i, v in enumerate(values, 1):  # one pass, plain ints first: a sampler packs hundreds of ops
         if type(v) is int:
-            slots_[i] = v
+            op[i] = v
         elif isinstance(v, torch.Tensor):
             if v.dtype == torch.int64:
                 raise ValueError("the C++ engine reads the position as int32")
-            slots_[i] = v.data_ptr()
+            op[i] = v.data_ptr()
         elif v is not None:
-            slots_[i] = int(v)
-    return np.array(slots_, dtype=np.int64)
+            op[i] = int(v)
+    return np.array(op, dtype=np.int64)
 
 
 def panel_columns(dtype: torch.dtype, pixel: bool) -> int:
